@@ -1,0 +1,340 @@
+"""Typed run configuration: dataclass defaults <- YAML file <- dotted CLI overrides.
+
+Every field is declared (and documented) once, here. Loading walks the merged mapping against the
+dataclasses, so an unknown key fails with the nearest valid key and a wrong type fails with the
+dotted path, the value and the expected type. Cross-field rules live in ``validate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the dotted path."""
+
+
+@dataclass
+class ModelConfig:
+    # "scd": causal encoder + frame-wise decoder; "causal_dit": the dense frame-causal baseline.
+    arch: Literal["scd", "causal_dit"] = "scd"
+    # Latent frames are (channels, height, width); tokens per frame = (height/patch) * (width/patch).
+    latent_channels: int = 32
+    latent_height: int = 8
+    latent_width: int = 8
+    patch_size: int = 1
+    width: int = 1024
+    num_heads: int = 16
+    head_dim: int = 64
+    encoder_layers: int = 8
+    decoder_layers: int = 4
+    # Depth of the dense baseline (arch=causal_dit); 12 matches SCD-M's 8 + 4.
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    # Number of action classes; the null id equals this number. 0 disables action conditioning.
+    num_actions: int = 4
+    # Per-frame probability of replacing an action with the null id during training.
+    action_dropout: float = 0.1
+    # Largest frame index the model is validated for (positional range of training + rollouts).
+    max_frames: int = 300
+    # Head-dim split of the 3-axis RoPE over (frame, row, column); must sum to head_dim.
+    rope_axes: list[int] = field(default_factory=lambda: [16, 24, 24])
+    rope_theta: float = 10000.0
+    # Std of the Gaussian perturbation of the encoder's normalized output in training.
+    context_noise: float = 0.05
+    # What the encoder reads in training: "clean" latents (teacher forcing) or the same
+    # per-frame-noised sequence the decoder targets come from ("noisy", the official release).
+    encoder_input: Literal["clean", "noisy"] = "clean"
+    # How the decoder fuses the encoder tokens of frame t-1 with the noisy tokens of frame t.
+    fusion: Literal["token_concat", "add", "channel_concat"] = "token_concat"
+    # "auto": FlexAttention block masks on CUDA, SDPA with a boolean mask elsewhere.
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    # Logit-normal timestep density: u = sigmoid(N(mean, std)) per frame.
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    # Probability that a history frame (index >= 1) stays clean; frame 0 is always clean.
+    clean_context_ratio: float = 0.1
+    # Number of trailing frames that are decoder targets; null means all frames but the first.
+    target_window: int | None = None
+    # Decoder noise draws per encoder pass (the encoder gets gradient from all of them).
+    decoder_multi_batch: int = 2
+    # Reproduce the official release's bf16 noise/timestep quantization (off: fp32 throughout).
+    reference_bf16_inputs: bool = False
+    # Sampling defaults (scd-sample and evaluation can override them).
+    sample_steps: int = 50
+    cfg_scale: float = 1.0
+    # "decoder": unconditional branch = encoder context with fresh noise; "action": null actions.
+    cfg_mode: Literal["decoder", "action"] = "decoder"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    encoder_lr_ratio: float = 1.0
+    decoder_lr_ratio: float = 2.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # Linear warmup length in optimizer steps, then constant.
+    warmup_steps: int = 10000
+    # Global gradient-norm clip; 0 disables clipping.
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    # Freeze the encoder (lr 0 for its groups) from this step on; null keeps training it.
+    freeze_encoder_after: int | None = None
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The embedded "moving digits" videos (scikit-learn's bundled 8x8 digits)."""
+
+    num_videos: int = 256
+    frames_per_video: int = 32
+    image_size: int = 32
+    # Upscale factor applied to the 8x8 digits.
+    digit_scale: int = 2
+    digits_per_video: int = 1
+    # Probability that the action changes from one frame to the next.
+    action_change_prob: float = 0.2
+    # Pixels moved per frame.
+    speed: int = 2
+    # Space-to-depth factor of the lossless codec that turns frames into latents.
+    codec_factor: int = 4
+    # Fraction of videos held out for evaluation and sampling.
+    holdout_fraction: float = 0.125
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" renders the embedded videos in memory; the others read latent shards.
+    source: Literal["synthetic", "webdataset", "mds"] = "synthetic"
+    # Directory holding shards and manifest.json (for webdataset / mds).
+    path: str | None = None
+    # Frames per training clip.
+    clip_frames: int = 16
+    # Stride between clip starts when cutting videos into clips.
+    clip_stride: int = 8
+    # When set, each step trains on the first L frames of its clips, L drawn uniformly from
+    # [random_clip_min_frames, clip_frames] by a (seed, step) generator shared by all ranks.
+    random_clip_min_frames: int | None = None
+    # Clips per rank per micro-batch.
+    batch_size: int = 8
+    num_workers: int = 0
+    # Data-order seed; the shuffle is a pure function of (seed, epoch).
+    seed: int = 0
+    # Corrupt samples: "error" stops with shard and member named, "skip" counts and caps them.
+    on_corrupt: Literal["error", "skip"] = "error"
+    max_corrupt_skips: int = 16
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    # "auto": bf16 autocast on CUDA, fp32 elsewhere.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
+    # Micro-batches accumulated per optimizer step.
+    grad_accum: int = 1
+    # Recompute each transformer block in backward to save activation memory.
+    activation_checkpointing: bool = False
+    run_dir: str = "runs/default"
+    # Resume from the latest complete checkpoint in run_dir when one exists.
+    resume: bool = True
+    checkpoint_every: int = 500
+    # Complete checkpoints kept; the newest complete one is never deleted.
+    keep_checkpoints: int = 2
+    # Non-finite loss or gradient norm: "stop" the run, or "skip" the step (bounded).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = 0
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    progress_bar: bool = True
+    # wandb: "offline" writes under run_dir/wandb for a later `wandb sync`.
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "scd-train"
+    wandb_name: str | None = None
+    # Peak dense TFLOP/s of one device for MFU; null detects known GPUs (none on CPU).
+    peak_tflops: float | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides; validated."""
+    text = None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+    try:
+        return config_from_text(text, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def config_from_text(text: str | None, overrides: list[str] | None = None) -> Config:
+    """Like ``load_config`` for YAML held in a string (e.g. metadata of an exported model)."""
+    merged = OmegaConf.create({})
+    if text:
+        loaded = OmegaConf.create(yaml.safe_load(text) or {})
+        merged = OmegaConf.merge(merged, loaded)
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key.sub=value")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    raw = OmegaConf.to_container(merged, resolve=True) or {}
+    cfg = from_dict(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            path = f"{prefix}{key}"
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
+            valid = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{path}'{hint} (valid keys here: {valid})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=f"{path}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{path}={value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r}: expected a list")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r}: expected a string")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {tp}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field rules, each with a message that says what to change."""
+    m, d, o, t = cfg.model, cfg.diffusion, cfg.optim, cfg.train
+    _require(m.width == m.num_heads * m.head_dim,
+             f"model.width={m.width} must equal model.num_heads*model.head_dim "
+             f"({m.num_heads}*{m.head_dim}={m.num_heads * m.head_dim})")
+    _require(sum(m.rope_axes) == m.head_dim and len(m.rope_axes) == 3,
+             f"model.rope_axes={m.rope_axes} must be 3 entries summing to model.head_dim={m.head_dim}")
+    _require(all(a % 2 == 0 for a in m.rope_axes), f"model.rope_axes={m.rope_axes} entries must be even")
+    for name in ("latent_height", "latent_width"):
+        size = getattr(m, name)
+        _require(size % m.patch_size == 0,
+                 f"model.{name}={size} is not divisible by model.patch_size={m.patch_size}")
+    _require(m.num_actions >= 0, f"model.num_actions={m.num_actions} must be >= 0")
+    _require(0.0 <= m.action_dropout < 1.0, f"model.action_dropout={m.action_dropout} must be in [0, 1)")
+    _require(d.decoder_multi_batch >= 1, f"diffusion.decoder_multi_batch={d.decoder_multi_batch} must be >= 1")
+    _require(0.0 <= d.clean_context_ratio < 1.0,
+             f"diffusion.clean_context_ratio={d.clean_context_ratio} must be in [0, 1)")
+    _require(cfg.data.clip_frames >= 2, f"data.clip_frames={cfg.data.clip_frames} must be >= 2 (context + target)")
+    _require(cfg.data.clip_frames <= m.max_frames,
+             f"data.clip_frames={cfg.data.clip_frames} exceeds model.max_frames={m.max_frames}")
+    if cfg.data.random_clip_min_frames is not None:
+        _require(2 <= cfg.data.random_clip_min_frames <= cfg.data.clip_frames,
+                 f"data.random_clip_min_frames={cfg.data.random_clip_min_frames} must be in "
+                 f"[2, data.clip_frames={cfg.data.clip_frames}]")
+    if d.target_window is not None:
+        _require(d.target_window >= 1,
+                 f"diffusion.target_window={d.target_window} must be >= 1 or null")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _require(len(o.betas) == 2, f"optim.betas={o.betas} must have two entries")
+    _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
+    _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
+    if cfg.data.source != "synthetic":
+        _require(cfg.data.path is not None, f"data.source={cfg.data.source!r} needs data.path (the shard directory)")
+    if cfg.data.source == "synthetic":
+        _validate_synthetic(cfg)
+
+
+def _validate_synthetic(cfg: Config) -> None:
+    syn = cfg.data.synthetic
+    _require(syn.image_size % syn.codec_factor == 0,
+             f"data.synthetic.image_size={syn.image_size} is not divisible by "
+             f"data.synthetic.codec_factor={syn.codec_factor}")
+    _require(syn.frames_per_video >= cfg.data.clip_frames,
+             f"data.synthetic.frames_per_video={syn.frames_per_video} is shorter than "
+             f"data.clip_frames={cfg.data.clip_frames}")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config; re-loading the file gives the same Config."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    Path(path).write_text(text)

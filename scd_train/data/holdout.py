@@ -1,0 +1,21 @@
+"""Held-out clips for sampling and evaluation, with the codec that turns latents back into pixels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from scd_train.config import Config
+from scd_train.data.codec import LatentCodec
+from scd_train.data.memory import ClipSet, synthetic_clips
+
+
+def holdout_clips(cfg: Config, frames: int) -> tuple[ClipSet, LatentCodec]:
+    """Clips of ``frames`` frames (context + rollout) from data the model did not train on."""
+    if cfg.data.source == "synthetic":
+        syn = cfg.data.synthetic
+        if frames > syn.frames_per_video:
+            raise ValueError(f"{frames} frames requested but synthetic videos have "
+                             f"data.synthetic.frames_per_video={syn.frames_per_video}")
+        data = dataclasses.replace(cfg.data, clip_frames=frames, clip_stride=syn.frames_per_video)
+        return synthetic_clips(data, "holdout")
+    raise NotImplementedError(f"held-out clips for data.source={cfg.data.source!r} are not available in this build")

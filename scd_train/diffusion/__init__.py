@@ -1,0 +1,1 @@
+"""Flow matching: noising, timesteps, losses, samplers and guidance."""

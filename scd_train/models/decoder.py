@@ -1,0 +1,94 @@
+"""The frame-wise diffusion decoder: renders frame t from its noisy tokens and encoder context t-1."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from scd_train.config import ModelConfig
+from scd_train.models.block import BlockContext, DiTBlock
+from scd_train.models.layers import (
+    ActionEmbedding,
+    AdaptiveOutputNorm,
+    PatchEmbed,
+    TimestepEmbedding,
+    init_conditioning,
+    init_linear_xavier,
+    silu,
+    unpatchify,
+    zero_,
+)
+from scd_train.models.rope import rope_angles, token_positions
+
+
+class FrameDecoder(nn.Module):
+    """Unmasked attention over one frame: [encoder tokens of t-1 ; noisy tokens of t].
+
+    Both halves carry identical RoPE ids (frame 0, same row and column). The decoder never sees
+    other frames and keeps no cache; its only view of the past is the context tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg.latent_channels, cfg.patch_size, cfg.width)
+        self.time_embed = TimestepEmbedding(cfg.width)
+        self.action_embed = (ActionEmbedding(cfg.num_actions, cfg.width, cfg.action_dropout)
+                             if cfg.num_actions > 0 else None)
+        self.fuse = nn.Linear(2 * cfg.width, cfg.width) if cfg.fusion == "channel_concat" else None
+        self.blocks = nn.ModuleList(
+            DiTBlock(cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.decoder_layers))
+        self.output_norm = AdaptiveOutputNorm(cfg.width)
+        self.proj_out = nn.Linear(cfg.width, cfg.latent_channels * cfg.patch_size**2)
+        self.reset_parameters()
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.cfg.latent_height // self.cfg.patch_size) * (self.cfg.latent_width // self.cfg.patch_size)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        init_linear_xavier(self)
+        init_conditioning(self.time_embed, self.action_embed)
+        for block in self.blocks:
+            block.zero_init_modulation()
+        zero_(self.output_norm.modulation)
+        zero_(self.proj_out)
+        if self.fuse is not None:
+            eye = torch.eye(self.cfg.width)
+            self.fuse.weight.copy_(torch.cat([eye, eye], dim=1))  # starts as context + noisy
+
+    def forward(self, noisy: Tensor, timesteps: Tensor, context: Tensor, actions: Tensor | None = None) -> Tensor:
+        """Velocity (B', C, H, W) for noisy frames (B', C, H, W) at ``timesteps`` (B',).
+
+        ``context`` (B', N, D) holds the encoder tokens of each sample's previous frame.
+        """
+        n = self.tokens_per_frame
+        cond = self.time_embed(timesteps)
+        if self.action_embed is not None:
+            if actions is None:
+                actions = torch.full(timesteps.shape, self.action_embed.null_id, device=noisy.device,
+                                     dtype=torch.long)
+            cond = cond + self.action_embed(actions)
+        cond_act = silu(cond)[:, None]  # one "frame" per sample
+        x_noisy = self.patch_embed(noisy[:, None])
+        x, group = self._fuse(context.to(x_noisy.dtype), x_noisy)
+        rows = self.cfg.latent_height // self.cfg.patch_size
+        cols = self.cfg.latent_width // self.cfg.patch_size
+        positions = token_positions(0, 1, rows, cols, noisy.device).repeat(group, 1)
+        ctx = BlockContext(cond_act, group * n, rope_angles(positions, self.cfg.rope_axes, self.cfg.rope_theta),
+                           mask=None)
+        for index, block in enumerate(self.blocks):
+            x = block(x, ctx, index)
+        x = self.output_norm(x[:, -n:], cond_act, n)
+        out = unpatchify(self.proj_out(x), 1, self.cfg.latent_channels, self.cfg.latent_height,
+                         self.cfg.latent_width, self.cfg.patch_size)
+        return out[:, 0]
+
+    def _fuse(self, context: Tensor, noisy_tokens: Tensor) -> tuple[Tensor, int]:
+        """Fused token sequence and how many N-token groups it holds."""
+        if self.cfg.fusion == "token_concat":
+            return torch.cat([context, noisy_tokens], dim=1), 2
+        if self.cfg.fusion == "add":
+            return context + noisy_tokens, 1
+        return self.fuse(torch.cat([context, noisy_tokens], dim=-1)), 1

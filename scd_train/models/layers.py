@@ -1,0 +1,136 @@
+"""Small building blocks shared by the encoder, the decoder and the dense baseline."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+CLEAN_TIMESTEP = -1.0
+"""Timestep label of a clean frame (context or teacher-forced history)."""
+
+TIME_FREQ_CHANNELS = 256
+
+
+def sinusoidal_timestep_features(timesteps: Tensor, channels: int = TIME_FREQ_CHANNELS) -> Tensor:
+    """Cos-first sinusoidal features with frequency shift 1, always computed in fp32.
+
+    fp32 matters: bf16 cannot represent integer timesteps above 256 exactly, which would quantize
+    t in [512, 1000] to steps of 4.
+    """
+    half = channels // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(exponent / (half - 1))
+    angles = timesteps.float()[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIME_FREQ_CHANNELS, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, timesteps: Tensor) -> Tensor:
+        features = sinusoidal_timestep_features(timesteps)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class ActionEmbedding(nn.Module):
+    """Per-frame action table whose last row (id == num_actions) is the null action."""
+
+    def __init__(self, num_actions: int, width: int, dropout: float) -> None:
+        super().__init__()
+        self.num_actions = num_actions
+        self.dropout = dropout
+        self.table = nn.Embedding(num_actions + 1, width)
+
+    @property
+    def null_id(self) -> int:
+        return self.num_actions
+
+    def forward(self, actions: Tensor) -> Tensor:
+        if self.training and self.dropout > 0:
+            drop = torch.rand(actions.shape, device=actions.device) < self.dropout
+            actions = torch.where(drop, torch.full_like(actions, self.null_id), actions)
+        return self.table(actions)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, tokens_per_frame: int) -> Tensor:
+    """x * (1 + scale) + shift with per-frame (B, F, D) modulation broadcast over tokens."""
+    frames = x.unflatten(1, (-1, tokens_per_frame))
+    out = frames * (1 + scale[:, :, None]) + shift[:, :, None]
+    return out.flatten(1, 2)
+
+
+def gate(x: Tensor, gate_values: Tensor, tokens_per_frame: int) -> Tensor:
+    return (x.unflatten(1, (-1, tokens_per_frame)) * gate_values[:, :, None]).flatten(1, 2)
+
+
+class PatchEmbed(nn.Module):
+    """Latent frames (B, F, C, H, W) -> tokens (B, F*N, D) with N = (H/p)*(W/p)."""
+
+    def __init__(self, channels: int, patch: int, width: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Linear(channels * patch * patch, width)
+
+    def forward(self, latents: Tensor) -> Tensor:
+        p = self.patch
+        tokens = rearrange(latents, "b f c (h p1) (w p2) -> b (f h w) (c p1 p2)", p1=p, p2=p)
+        return self.proj(tokens.to(self.proj.weight.dtype))
+
+
+def unpatchify(tokens: Tensor, frames: int, channels: int, height: int, width: int, patch: int) -> Tensor:
+    """(B, F*N, C*p*p) -> (B, F, C, H, W)."""
+    p = patch
+    return rearrange(tokens, "b (f h w) (c p1 p2) -> b f c (h p1) (w p2)",
+                     f=frames, h=height // p, w=width // p, c=channels, p1=p, p2=p)
+
+
+class AdaptiveOutputNorm(nn.Module):
+    """LayerNorm without affine parameters, then per-frame shift/scale from the conditioning.
+
+    ``noise_std`` perturbs the normalized features before modulation (SCD's context noise).
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(width, 2 * width)
+
+    def forward(self, x: Tensor, cond_act: Tensor, tokens_per_frame: int,
+                noise: Tensor | None = None) -> Tensor:
+        shift, scale = self.modulation(cond_act).chunk(2, dim=-1)
+        normed = self.norm(x)
+        if noise is not None:
+            normed = normed + noise.to(normed.dtype)
+        return modulate(normed, shift, scale, tokens_per_frame)
+
+
+def init_linear_xavier(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def zero_(linear: nn.Linear) -> None:
+    nn.init.zeros_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+def init_conditioning(time_embed: TimestepEmbedding, action_embed: ActionEmbedding | None) -> None:
+    for layer in (time_embed.mlp[0], time_embed.mlp[2]):
+        nn.init.normal_(layer.weight, std=0.02)
+        nn.init.zeros_(layer.bias)
+    if action_embed is not None:
+        nn.init.normal_(action_embed.table.weight, std=0.02)
+
+
+def silu(x: Tensor) -> Tensor:
+    return F.silu(x)

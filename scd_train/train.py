@@ -1,0 +1,54 @@
+"""Entry point: ``scd-train``, ``python -m scd_train.train``, ``torchrun ... -m scd_train.train``
+and ``deepspeed scd_train/train.py``.
+
+    scd-train --config configs/tiny.yaml train.steps=200 optim.decoder_lr_ratio=2.0
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Started as a file (the deepspeed launcher does this): keep this folder's module names
+    # (config, data, ...) from shadowing top-level packages.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+
+import argparse  # noqa: E402
+
+from scd_train.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scd-train", description="Train an SCD model or the dense baseline.")
+    parser.add_argument("--config", help="YAML config (defaults are SCD-M)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4 train.steps=100")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; LOCAL_RANK in the environment is used instead")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"scd-train: {exc}", file=sys.stderr)
+        return 2
+    from scd_train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.runtime.shutdown()
+    if trainer.runtime.is_main:
+        print(f"{result.status} at step {result.step}; run directory: {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

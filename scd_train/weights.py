@@ -1,0 +1,128 @@
+"""Inference weights: read EMA or raw weights out of any checkpoint, export them as safetensors.
+
+DCP checkpoints are read by a single process whatever world size wrote them (DCP reshards on
+load), so export and sampling never need the training topology.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from scd_train.checkpoint import CheckpointManager
+from scd_train.config import Config, config_from_text, load_config
+from scd_train.models import build_model
+
+
+def resolve_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
+    """An explicit checkpoint directory, or the newest complete one of ``run_dir``."""
+    if checkpoint:
+        path = Path(checkpoint)
+        if not (path / "COMPLETE").is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+        return path
+
+    class _Local:
+        is_main, world_size, rank = True, 1, 0
+
+        def barrier(self) -> None: ...
+
+    found = CheckpointManager(run_dir / "checkpoints", keep=1, runtime=_Local()).find_resumable()
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+    return found
+
+
+def read_checkpoint_weights(checkpoint: Path, model: nn.Module, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """Full fp32 weights named like ``model.state_dict()``."""
+    reader = _read_deepspeed if (checkpoint / "state" / "deepspeed").is_dir() else _read_dcp
+    return reader(checkpoint, model, use_ema)
+
+
+def _read_dcp(checkpoint: Path, model: nn.Module, use_ema: bool) -> dict[str, torch.Tensor]:
+    names = [n for n, p in model.named_parameters()] if use_ema else list(model.state_dict())
+    template = {n: torch.empty_like(t, dtype=torch.float32) for n, t in model.state_dict().items() if n in names}
+    key = "ema" if use_ema else "model"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
+        dcp.load({key: template}, checkpoint_id=str(checkpoint / "state"))
+    return template
+
+
+def _read_deepspeed(checkpoint: Path, model: nn.Module, use_ema: bool) -> dict[str, torch.Tensor]:
+    from scd_train.parallel import deepspeed_io
+
+    return deepspeed_io.read_weights(checkpoint, model, use_ema)
+
+
+def load_model(source: str | Path, checkpoint: str | None = None, use_ema: bool = True,
+               device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
+    """A model in eval mode from a run directory (newest checkpoint) or an exported .safetensors."""
+    source = Path(source)
+    if source.suffix == ".safetensors":
+        cfg = _config_from_safetensors(source)
+        model = build_model(cfg.model)
+        weights = load_file(str(source))
+    else:
+        cfg = load_config(source / "config.yaml")
+        model = build_model(cfg.model)
+        weights = read_checkpoint_weights(resolve_checkpoint(source, checkpoint), model, use_ema)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [m for m in missing if m in dict(model.named_parameters())]:
+        raise KeyError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device).eval(), cfg
+
+
+def _config_from_safetensors(path: Path) -> Config:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise KeyError(f"{path} carries no 'config' metadata; export it with scd-export")
+    return config_from_text(meta["config"])
+
+
+def export(run_dir: Path, out: Path, checkpoint: str | None = None, use_ema: bool = True) -> Path:
+    cfg = load_config(run_dir / "config.yaml")
+    model = build_model(cfg.model)
+    ckpt = resolve_checkpoint(run_dir, checkpoint)
+    weights = {k: v.contiguous() for k, v in read_checkpoint_weights(ckpt, model, use_ema).items()}
+    meta = {"config": (run_dir / "config.yaml").read_text(), "source": str(ckpt),
+            "weights": "ema" if use_ema else "model",
+            "trainer_state": json.dumps(json.loads((ckpt / "trainer_state.json").read_text()))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(weights, str(tmp), metadata=meta)
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scd-export", description="Write a checkpoint's EMA weights as one "
+                                     "safetensors file for inference.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="default: <run_dir>/export/ema.safetensors")
+    parser.add_argument("--checkpoint", help="a checkpoint directory (default: the newest complete one)")
+    parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    args = parser.parse_args(argv)
+    out = args.out or args.run_dir / "export" / ("model.safetensors" if args.raw else "ema.safetensors")
+    try:
+        path = export(args.run_dir, out, args.checkpoint, use_ema=not args.raw)
+    except (FileNotFoundError, KeyError) as exc:
+        print(f"scd-export: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
