@@ -178,6 +178,44 @@ class LogConfig:
 
 
 @dataclass
+class Fp8Config:
+    """FP8 matmuls for chosen transformer blocks (``precision.fp8``); see scd_train/precision."""
+
+    enabled: bool = False
+    # "te": Transformer Engine linears under TE's FP8 autocast (CUDA only);
+    # "torchao": torchao.float8 Float8Linear (CUDA, or CPU emulation with cpu_emulation=true).
+    backend: Literal["te", "torchao"] = "te"
+    # Whose per-token linears (qkv, attention out, MLP) run in FP8: "encoder" (where FP8 pays),
+    # "decoder", "all", or glob patterns over linear names (e.g. "encoder.blocks.1?.mlp.*").
+    # Embeddings, per-frame modulation and output projections always stay in high precision.
+    modules: list[str] = field(default_factory=lambda: ["encoder"])
+    # Glob patterns of otherwise selected linears to keep in high precision.
+    exclude: list[str] = field(default_factory=list)
+    # "delayed": scales from an amax history (te); "current": per-tensor scales from the tensor
+    # itself (te Float8CurrentScaling, torchao tensorwise); "rowwise": per-row scales (torchao);
+    # "mxfp8": 32-element blocks with power-of-two scales (te, compute capability >= 10.0).
+    recipe: Literal["delayed", "current", "rowwise", "mxfp8"] = "current"
+    # "hybrid": e4m3 forward, e5m2 gradients; "e4m3" everywhere (te recipes and torchao current).
+    fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
+    # Delayed scaling only: amax history length, how the amax is chosen from it, scale margin
+    # (power-of-two headroom), and whether amaxes are all-reduced over the data-parallel ranks.
+    amax_history_len: int = 1024
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    margin: int = 0
+    reduce_amax: bool = True
+    # torchao under train.backend=fsdp2: all-gather weights in FP8 (half the all-gather bytes).
+    fsdp_float8_all_gather: bool = False
+    # torchao on a CPU device: run torchao's float8 emulation (numerics checks and tests only;
+    # slower than fp32). Without it, FP8 on CPU is refused.
+    cpu_emulation: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    fp8: Fp8Config = field(default_factory=Fp8Config)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -185,6 +223,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -313,6 +352,7 @@ def validate(cfg: Config) -> None:
         _require(cfg.data.path is not None, f"data.source={cfg.data.source!r} needs data.path (the shard directory)")
     if cfg.data.source == "synthetic":
         _validate_synthetic(cfg)
+    _validate_fp8(cfg)
 
 
 def _validate_synthetic(cfg: Config) -> None:
@@ -323,6 +363,31 @@ def _validate_synthetic(cfg: Config) -> None:
     _require(syn.frames_per_video >= cfg.data.clip_frames,
              f"data.synthetic.frames_per_video={syn.frames_per_video} is shorter than "
              f"data.clip_frames={cfg.data.clip_frames}")
+
+
+_FP8_RECIPES = {"te": ("delayed", "current", "mxfp8"), "torchao": ("current", "rowwise")}
+
+
+def _validate_fp8(cfg: Config) -> None:
+    """Settings-only FP8 rules; hardware and GEMM shapes are checked before the first step."""
+    f = cfg.precision.fp8
+    if not f.enabled:
+        return
+    allowed = _FP8_RECIPES[f.backend]
+    _require(f.recipe in allowed,
+             f"precision.fp8.recipe={f.recipe!r} is not available with precision.fp8.backend={f.backend!r}; "
+             f"choose one of {', '.join(allowed)}"
+             + (" or backend 'te'" if f.backend == "torchao" else " or backend 'torchao'"))
+    _require(len(f.modules) > 0, "precision.fp8.modules is empty; use [encoder], [all] or glob patterns")
+    _require(f.amax_history_len >= 1, f"precision.fp8.amax_history_len={f.amax_history_len} must be >= 1")
+    _require(f.margin >= 0, f"precision.fp8.margin={f.margin} must be >= 0")
+    if f.fsdp_float8_all_gather:
+        _require(f.backend == "torchao" and f.recipe == "current" and cfg.train.backend == "fsdp2",
+                 "precision.fp8.fsdp_float8_all_gather needs precision.fp8.backend=torchao, recipe=current "
+                 f"and train.backend=fsdp2 (got {f.backend}, {f.recipe}, {cfg.train.backend})")
+    _require(not (f.cpu_emulation and f.backend == "te"),
+             "precision.fp8.cpu_emulation is a torchao feature; Transformer Engine has no CPU path "
+             "(set precision.fp8.backend=torchao)")
 
 
 def _require(ok: bool, message: str) -> None:

@@ -28,6 +28,7 @@ from scd_train.models import build_model
 from scd_train.optim import build_param_groups, check_learning_rates, set_learning_rates
 from scd_train.parallel.backend import build_backend
 from scd_train.parallel.runtime import Runtime, init_runtime
+from scd_train.precision import prepare_fp8
 
 log = logging.getLogger("scd_train")
 
@@ -78,6 +79,7 @@ class Trainer:
         self._prepare_run_dir()
         seed_everything(cfg.train.seed, self.runtime.rank)
         model = build_model(cfg.model)
+        self.fp8 = prepare_fp8(model, cfg, self.runtime)  # before the backend wraps or shards it
         self.backend = build_backend(model, build_param_groups(model, cfg.optim), cfg, self.runtime)
         self.ema = EMA(self.backend.ema_parameters(), cfg.optim.ema_decay)
         self.objective = build_objective(cfg.model, cfg.diffusion)
@@ -166,7 +168,7 @@ class Trainer:
             clips += batch.latents.shape[0]
             last = micro == cfg.train.grad_accum - 1
             with contextlib.nullcontext() if last else self.backend.no_sync():
-                with self.backend.autocast():
+                with self.backend.autocast(), self.fp8.autocast():
                     out = self.objective(self.backend.module, batch.latents, batch.actions)
                 self.backend.backward(out.loss / cfg.train.grad_accum)
             loss_sum = loss_sum + out.loss.detach().float()

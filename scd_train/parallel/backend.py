@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 from scd_train.config import Config
 from scd_train.ema import EMA
 from scd_train.parallel.runtime import Runtime
+from scd_train.precision.extra_state import load_request, pack_extra_state, unpack_extra_state
 
 
 def resolve_precision(choice: str, device: torch.device) -> torch.dtype:
@@ -82,16 +83,18 @@ class TrainingBackend:
     def save(self, directory: Path, ema: EMA) -> None:
         """Write model, optimizer and EMA into ``directory`` (every rank calls this)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd = pack_extra_state(model_sd)  # FP8 scaling state: variable-size, stored whole
         with _quiet_single_process():
             dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()},
                      checkpoint_id=str(directory / "state"))
 
     def load(self, directory: Path, ema: EMA) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, kept_extra = load_request(model_sd, directory / "state")
         state = {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()}
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(directory / "state"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+        set_state_dict(self.model, self.optimizer, model_state_dict=unpack_extra_state(state["model"], kept_extra),
                        optim_state_dict=state["optim"])
         ema.load_state_dict(state["ema"])
 
