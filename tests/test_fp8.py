@@ -5,6 +5,7 @@ None of these need FP8 hardware or torchao: the GEMM shapes are traced on the me
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from scd_train.models import build_model
 from scd_train.parallel.backend import SingleBackend
 from scd_train.parallel.runtime import Runtime
 from scd_train.precision import Fp8Error, select_fp8_linears
+from scd_train.precision.extra_state import TE_UNSAFE_PICKLE_ENV
 from scd_train.precision.preflight import (
     GemmTrace,
     check_gemm_shapes,
@@ -216,6 +218,7 @@ class StatefulLinear(nn.Linear):
 
     def set_extra_state(self, state: torch.Tensor) -> None:
         self.blob = state.clone()
+        self.unpickle_permission = os.environ.get(TE_UNSAFE_PICKLE_ENV)
 
 
 def _backend(model: nn.Module, cfg) -> tuple[SingleBackend, EMA]:
@@ -236,6 +239,9 @@ def test_variable_size_extra_state_round_trips_through_dcp(cfg, tmp_path):
     backend.load(tmp_path, ema)
     assert torch.equal(fresh[0].blob, torch.arange(37, dtype=torch.uint8))
     assert torch.equal(fresh[0].weight, saved_model[0].weight)
+    # TE may unpickle delayed-scaling state only while our own checkpoint loads.
+    assert fresh[0].unpickle_permission == "1"
+    assert TE_UNSAFE_PICKLE_ENV not in os.environ
 
 
 def test_checkpoint_without_extra_state_keeps_the_fresh_state(cfg, tmp_path):

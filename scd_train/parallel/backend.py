@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 from scd_train.config import Config
 from scd_train.ema import EMA
 from scd_train.parallel.runtime import Runtime
-from scd_train.precision.extra_state import load_request, pack_extra_state, unpack_extra_state
+from scd_train.precision.extra_state import load_request, pack_extra_state, trusted_extra_state, unpack_extra_state
 
 
 def resolve_precision(choice: str, device: torch.device) -> torch.dtype:
@@ -94,8 +94,9 @@ class TrainingBackend:
         state = {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()}
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(directory / "state"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=unpack_extra_state(state["model"], kept_extra),
-                       optim_state_dict=state["optim"])
+        with trusted_extra_state():
+            set_state_dict(self.model, self.optimizer, model_state_dict=unpack_extra_state(state["model"], kept_extra),
+                           optim_state_dict=state["optim"])
         ema.load_state_dict(state["ema"])
 
     def full_state_dict(self) -> dict[str, Tensor]:

@@ -11,8 +11,10 @@ current, fresh state: TE recalibrates its scales from the first steps.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ import torch.distributed.checkpoint as dcp
 log = logging.getLogger(__name__)
 
 SUFFIX = "_extra_state"
+# Recent TE refuses to unpickle delayed-scaling state unless this is set (the pickle could run code).
+TE_UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
 
 
 def _is_extra(key: str) -> bool:
@@ -67,3 +71,21 @@ def unpack_extra_state(loaded: dict, kept: dict) -> dict:
     out = {k: (_from_bytes(v) if _is_extra(k) and isinstance(v, bytes) else v) for k, v in loaded.items()}
     out.update(kept)
     return out
+
+
+@contextlib.contextmanager
+def trusted_extra_state():
+    """Let TE load FP8 state from a checkpoint this framework wrote into the run directory.
+
+    The run's own checkpoints are trusted exactly as far as its per-rank files, which are loaded
+    with ``weights_only=False``; the permission ends with the load.
+    """
+    previous = os.environ.get(TE_UNSAFE_PICKLE_ENV)
+    os.environ[TE_UNSAFE_PICKLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[TE_UNSAFE_PICKLE_ENV]
+        else:
+            os.environ[TE_UNSAFE_PICKLE_ENV] = previous
