@@ -254,3 +254,31 @@ def test_checkpoint_without_extra_state_keeps_the_fresh_state(cfg, tmp_path):
     backend.load(tmp_path, ema)
     assert torch.equal(stateful[0].weight, plain[0].weight)
     assert torch.equal(stateful[0].blob, torch.ones(5, dtype=torch.uint8))
+
+
+# -- activation checkpointing glue (TE passes te.checkpoint; torch's checkpoint stands in here) ------
+def test_fp8_checkpoint_wrapping_keeps_names_and_gradients(cfg):
+    from scd_train.diffusion.objective import build_objective
+    from scd_train.parallel.checkpointing import apply_activation_checkpointing
+    from scd_train.precision.fp8 import wrap_blocks_for_checkpointing
+
+    calls = []
+
+    def counting_checkpoint(function, *args, **kwargs):
+        calls.append(kwargs["use_reentrant"])
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+    plain = build_model(cfg.model)
+    wrapped = build_model(cfg.model)
+    wrapped.load_state_dict(plain.state_dict())
+    assert wrap_blocks_for_checkpointing(wrapped, counting_checkpoint) == 3
+    assert apply_activation_checkpointing(wrapped) == 0  # the backend's pass leaves them alone
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    latents, actions = torch.randn(2, 4, 48, 8, 8), torch.randint(0, 4, (2, 4))
+    grads = []
+    for model in (plain, wrapped):
+        torch.manual_seed(0)
+        build_objective(cfg.model, cfg.diffusion)(model, latents, actions).loss.backward()
+        grads.append(model.decoder.proj_out.weight.grad)
+    assert calls == [False] * 3  # non-reentrant, once per block in forward
+    torch.testing.assert_close(grads[0], grads[1])

@@ -15,6 +15,7 @@ from torch import nn
 
 from scd_train.config import load_config
 from scd_train.diffusion.objective import build_objective
+from scd_train.ema import canonical_name
 from scd_train.models import build_model
 from scd_train.parallel.runtime import Runtime
 from scd_train.precision import prepare_fp8
@@ -65,7 +66,8 @@ def _loss_and_grads(model: nn.Module, cfg, latents, actions) -> tuple[float, dic
     model.zero_grad()
     out = build_objective(cfg.model, cfg.diffusion)(model, latents, actions)
     out.loss.backward()
-    return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.item(), {canonical_name(n): p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}
 
 
 def test_float8_loss_and_gradients_track_fp32(repo_root):
@@ -116,3 +118,22 @@ def test_trainer_runs_fp8_close_to_fp32_and_resumes_exactly(repo_root, tmp_path,
     assert plain.resumed_from is not None
     for (name, p), q in zip(plain.backend.model.named_parameters(), resumed.backend.model.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_float8_with_activation_checkpointing_gives_the_same_gradients(repo_root):
+    """torchao's scales are recomputed from the tensors, so recomputation in backward is exact."""
+    from scd_train.parallel.checkpointing import apply_activation_checkpointing
+
+    cfg = make_config(repo_root, *FP8, "precision.fp8.modules=[all]")
+    model = build_model(cfg.model)
+    _randomize(model)
+    prepare_fp8(model, cfg, CPU_RUNTIME)
+    checkpointed = copy.deepcopy(model)
+    assert apply_activation_checkpointing(checkpointed) == 3
+    latents, actions = torch.randn(2, 4, 48, 8, 8), torch.randint(0, 4, (2, 4))
+    loss, grads = _loss_and_grads(model, cfg, latents, actions)
+    ac_loss, ac_grads = _loss_and_grads(checkpointed, cfg, latents, actions)
+    assert ac_loss == loss
+    assert ac_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(ac_grads[name], grad, rtol=0, atol=0)

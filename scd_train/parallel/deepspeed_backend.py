@@ -23,6 +23,7 @@ from scd_train.ema import EMA, canonical_name
 from scd_train.parallel.backend import TrainingBackend
 from scd_train.parallel.deepspeed_config import build_deepspeed_config
 from scd_train.parallel.runtime import Runtime
+from scd_train.precision.extra_state import trusted_extra_state
 
 CHECKPOINT_SUBDIR = "deepspeed"  # <checkpoint>/state/deepspeed: weights.py detects the format by it
 TAG = "zero3"
@@ -135,8 +136,9 @@ class DeepSpeedBackend(TrainingBackend):
 
     def load(self, directory: Path, ema: EMA) -> None:
         target = directory / "state" / CHECKPOINT_SUBDIR
-        path, _ = self.engine.load_checkpoint(str(target), tag=TAG, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        with trusted_extra_state():  # TE's FP8 scaling state rides in the module state dict
+            path, _ = self.engine.load_checkpoint(str(target), tag=TAG, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint '{TAG}' under {target}")
         saved = torch.load(target / ema_file(self.runtime.rank), weights_only=False)

@@ -73,6 +73,9 @@ def _prepare_te(model: nn.Module, cfg: Config, runtime: Runtime, selection: Fp8S
 
     te = te_fp8.import_te()
     te_fp8.check_te_support(te, cfg.precision.fp8)
+    if cfg.train.backend == "deepspeed":
+        log.warning("Transformer Engine FP8 under DeepSpeed ZeRO-3 has open upstream failure reports; "
+                    "smoke-test a save and resume on your GPUs before a long run")
     converted = te_fp8.convert_te(model, selection.selected, runtime.device)
     result._autocast = te_fp8.te_autocast_factory(cfg.precision.fp8, _amax_group(runtime))
     if cfg.train.activation_checkpointing:
