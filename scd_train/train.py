@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from scd_train.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as exc:  # settings that only fail against the model or hardware (e.g. FP8)
+        print(f"scd-train: {exc}", file=sys.stderr)
+        return 2
     # On an error there is no closing barrier: other ranks may be blocked in a collective, and
     # the launcher tears them down once this process exits non-zero.
     result = trainer.run()

@@ -282,3 +282,15 @@ def test_fp8_checkpoint_wrapping_keeps_names_and_gradients(cfg):
         grads.append(model.decoder.proj_out.weight.grad)
     assert calls == [False] * 3  # non-reentrant, once per block in forward
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_cli_refuses_fp8_it_cannot_run_with_a_message(repo_root, python_exe, subprocess_env, tmp_path):
+    import subprocess
+
+    cmd = [python_exe, "-m", "scd_train.train", "--config", "configs/tiny.yaml", *SMALL, "train.steps=1",
+           "train.device=cpu", f"train.run_dir={tmp_path}", "log.wandb=disabled", "precision.fp8.enabled=true"]
+    done = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "precision.fp8.backend='te' needs a CUDA GPU" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "checkpoints").exists()

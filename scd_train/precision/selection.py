@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from scd_train.config import Fp8Config
+from scd_train.config import ConfigError, Fp8Config
 from scd_train.models import transformer_blocks
 
 SCOPES = ("encoder", "decoder", "all")
@@ -24,8 +24,9 @@ OUTSIDE_BLOCKS = "embedding or output layer outside the transformer blocks"
 MODULATION = "per-frame adaLN modulation (one row per frame, not per token)"
 
 
-class Fp8Error(ValueError):
-    """FP8 cannot run as configured; the message names the module or setting and what to change."""
+class Fp8Error(ConfigError):
+    """FP8 cannot run as configured here (hardware, shapes, layer names); the message names the
+    module or setting and what to change."""
 
 
 @dataclass
