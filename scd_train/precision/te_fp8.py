@@ -53,7 +53,9 @@ def te_recipe(cfg: Fp8Config):
 
 def check_te_support(te, cfg: Fp8Config) -> None:
     """TE's own verdict on this GPU (CUDA/cuBLAS versions included), beyond the capability check."""
-    probe = te.is_mxfp8_available if cfg.recipe == "mxfp8" else te.is_fp8_available
+    probe = getattr(te, "is_mxfp8_available" if cfg.recipe == "mxfp8" else "is_fp8_available", None)
+    if probe is None:  # older TE: its autocast performs the same check on entry
+        return
     available, reason = probe(return_reason=True)
     if not available:
         raise Fp8Error(f"Transformer Engine cannot run precision.fp8.recipe={cfg.recipe!r} here: {reason}")
