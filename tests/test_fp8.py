@@ -158,6 +158,8 @@ def test_trace_sees_exact_token_counts_and_single_calls(cfg):
     # The decoder's noise draws are batched into one call: no module runs twice per micro-batch.
     assert set(trace.max_calls.values()) == {1}
     run_preflight(cfg, names, CPU)
+    cfg.model.attention = "flex"  # a GPU-only kernel choice must not break the meta trace
+    run_preflight(cfg, names, CPU)
 
 
 def test_misaligned_tokens_are_reported_per_module(repo_root):

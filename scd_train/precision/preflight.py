@@ -8,6 +8,7 @@ random-length schedule can draw.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -74,10 +75,12 @@ def clip_lengths(cfg: Config) -> list[int]:
 
 def trace_training_gemms(cfg: Config, names: list[str]) -> GemmTrace:
     """Run the training objective on meta tensors and record every call of the named linears."""
+    # The attention kernel does not change any linear's shape; SDPA is the one that runs on meta.
+    model_cfg = dataclasses.replace(cfg.model, attention="sdpa")
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # leave the training RNG untouched
-        model = build_model(cfg.model)
+        model = build_model(model_cfg)
     model.train()
-    objective = build_objective(cfg.model, cfg.diffusion)
+    objective = build_objective(model_cfg, cfg.diffusion)
     trace = GemmTrace()
     modules = dict(model.named_modules())
     handles = []
