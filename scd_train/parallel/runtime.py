@@ -98,6 +98,9 @@ def ensure_process_group(runtime: Runtime) -> None:
             port = s.getsockname()[1]
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(port)
+    for var in ("RANK", "LOCAL_RANK"):  # DeepSpeed reads these from the environment
+        os.environ.setdefault(var, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
     backend = "nccl" if runtime.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=0, world_size=1,
                             device_id=runtime.device if runtime.device.type == "cuda" else None)
