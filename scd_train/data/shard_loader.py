@@ -69,7 +69,10 @@ class SamplePlan:
 
 
 class _BatchStream(IterableDataset):
-    """Endless batches ``start + worker, start + worker + workers, ...`` of one rank; yields (batch, skips)."""
+    """Endless batches ``start + worker, start + worker + workers, ...`` of one rank.
+
+    Yields (batch, skipped-sample messages), or (None, [error]) when a sample is corrupt in error mode.
+    """
 
     def __init__(self, loader: ShardLoader, start: int) -> None:
         self.plan, self.readers, self.start = loader.plan, loader.readers, start
@@ -81,7 +84,12 @@ class _BatchStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         index = self.start + worker
         while True:
-            yield self.make_batch(index)
+            try:
+                yield self.make_batch(index)
+            except CorruptSampleError as exc:
+                # handed over as a value: an exception raised inside a worker makes the DataLoader's
+                # shutdown wait out its join timeouts
+                yield None, [str(exc)]
             index += workers
 
     def make_batch(self, index: int) -> tuple[Batch, list[str]]:
@@ -148,10 +156,7 @@ class ShardLoader:
         member = ""
         if self.fmt == "webdataset":
             entry = next(e for e in self.manifest.shards_for(self.fmt) if self.manifest.root / e.path == path)
-            reader = TarShardReader(self.manifest, entry)
-            reader._scan()
-            if reader._broken is not None:
-                member = f"; first damaged member: {reader._broken[0]} ({reader._broken[1]})"
+            member = f"; {TarShardReader(self.manifest, entry).damage_report()}"
         raise corrupt_sample(str(path), "(file size)", f"{why}{member}")
 
     def _batches(self) -> Iterator[tuple[Batch, list[str]]]:
@@ -164,6 +169,8 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         for batch, skips in self._batches():
+            if batch is None:
+                raise CorruptSampleError(skips[0])
             for message in skips:
                 self.corrupt_skips += 1
                 if self.corrupt_skips > self.max_corrupt_skips:

@@ -94,6 +94,7 @@ class TarShardReader(ShardReader):
         super().__init__(manifest, entry)
         self._samples: list[tuple[str, dict[str, tarfile.TarInfo]]] | None = None
         self._broken: tuple[str, str] | None = None  # (member, reason) where the scan stopped
+        self.last_member: str | None = None  # the last member the scan read completely
 
     def _scan(self) -> None:
         samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
@@ -120,11 +121,21 @@ class TarShardReader(ShardReader):
                     else:
                         samples.append((key, {field: info}))
                         seen.add(key)
+                    self.last_member = member
         except (tarfile.TarError, ValueError, OSError) as exc:
             self._broken = (member, str(exc))
             if samples and samples[-1][0] == key:  # the sample being read when the fault hit is incomplete
                 samples.pop()
         self._samples = samples
+
+    def damage_report(self) -> str:
+        """Where the damage starts, for messages: the first bad member, or the last good one."""
+        if self._samples is None:
+            self._scan()
+        if self._broken is not None:
+            return f"first damaged member: {self._broken[0]} ({self._broken[1]})"
+        return (f"readable up to member: {self.last_member} ({len(self._samples)} of {self.entry.samples} "
+                "samples complete)")
 
     def _fetch(self, index: int) -> tuple[Sample, str]:
         if self._samples is None:
