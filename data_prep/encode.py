@@ -273,8 +273,11 @@ def encode(opts: EncodeOptions) -> EncodeSummary:
 
 
 def _run_jobs(todo: list[Job], opts: EncodeOptions, records: dict[int, dict]) -> int:
-    workers = min(opts.workers or default_workers(opts.device), len(todo))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    requested = opts.workers or default_workers(opts.device)
+    workers = min(requested, len(todo))
+    # from the requested count, not the jobs left, so a rerun computes with the same thread count;
+    # never above torch's own setting (OMP_NUM_THREADS), since oversubscribed cores are far slower
+    threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // requested))
     if "mds" in opts.formats:
         import streaming  # noqa: F401  imported once here so forked workers inherit it
     total_videos = sum(len(j.inputs) for j in todo)

@@ -102,7 +102,7 @@ def train_vae(opts: VaeTrainOptions) -> dict:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optim.step()
         sched.step()
-        losses.append(float(rec_loss))
+        losses.append(rec_loss.item())
         bar.set_postfix(rec=f"{np.mean(losses[-20:]):.4f}")
     vae.eval()
     quality = _measure(vae, frames, device)

@@ -26,6 +26,15 @@ FORMATS = ("webdataset", "mds")
 TOTAL = sum(clips_per_video())
 
 
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The CI machine's two cores are shared; one intra-op thread avoids oversubscription stalls."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return build_dataset(tmp_path_factory.mktemp("latents"))
