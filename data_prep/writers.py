@@ -98,13 +98,17 @@ def merge_mds_index(mds_dir: Path, job_dirs: list[Path]) -> None:
     staging = mds_dir / f"merged{TMP_MARK}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    root_logger = logging.getLogger()
+    # merge_index announces its temporary folder with logging.warning(), which would also install a
+    # root handler (basicConfig) that duplicates every later log line: silence it for this call only
+    root_logger, quiet = logging.getLogger(), logging.NullHandler()
     level = root_logger.level
-    root_logger.setLevel(logging.ERROR)  # merge_index announces its temporary folder on the root logger
+    root_logger.addHandler(quiet)
+    root_logger.setLevel(logging.ERROR)
     try:
         merge_index([str(d / "index.json") for d in job_dirs], str(staging), keep_local=True)
     finally:
         root_logger.setLevel(level)
+        root_logger.removeHandler(quiet)
     os.replace(staging / "index.json", mds_dir / "index.json")
     shutil.rmtree(staging)
 
