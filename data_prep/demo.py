@@ -22,6 +22,7 @@ from data_prep.verify import verify
 from scd_train.config import SyntheticDataConfig, load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_shards.yaml"
+CLIP_FRAMES = 8
 
 
 @dataclass
@@ -39,33 +40,35 @@ class DemoScale:
     progress: bool = True
 
 
-def run(out: Path, scale: DemoScale, extra_overrides: list[str] | None = None) -> dict:
-    timings: dict[str, float] = {}
+def _stage(name: str, timings: dict[str, float]) -> None:
+    print(f"== {name}", flush=True)
+    timings[name] = time.perf_counter()
 
-    def stage(name: str):
-        timings[name] = time.perf_counter()
-        print(f"== {name}", flush=True)
 
-    def done(name: str) -> None:
-        timings[name] = time.perf_counter() - timings[name]
+def _done(name: str, timings: dict[str, float]) -> None:
+    timings[name] = time.perf_counter() - timings[name]
 
-    stage("synth")
+
+def prepare_shards(out: Path, scale: DemoScale, timings: dict[str, float] | None = None) -> list[str]:
+    """Videos, VAE and verified shards under ``out``; returns the overrides that point
+    configs/tiny_shards.yaml at them."""
+    timings = {} if timings is None else timings
+    _stage("synth", timings)
     syn = SyntheticDataConfig(num_videos=scale.videos, frames_per_video=scale.frames, image_size=scale.size,
                               digit_scale=max(1, scale.size // 16), speed=max(1, scale.size // 20))
     write_synthetic(out / "videos", syn, seed=0, progress=scale.progress)
-    done("synth")
+    _done("synth", timings)
 
-    stage("train-vae")
+    _stage("train-vae", timings)
     vae = out / "vae"
     if not (vae / "config.json").is_file():
         report = train_vae(VaeTrainOptions(out / "videos" / "train", vae, size=scale.size, steps=scale.vae_steps,
                                            batch_size=scale.vae_batch, progress=scale.progress))
         print(f"VAE reconstruction PSNR {report['psnr_db']:.1f} dB")
-    done("train-vae")
+    _done("train-vae", timings)
 
-    stage("encode")
-    clip_frames = 8
-    for split, frames, stride in (("train", clip_frames, 4), ("holdout", scale.context + scale.unroll, 8)):
+    _stage("encode", timings)
+    for split, frames, stride in (("train", CLIP_FRAMES, 4), ("holdout", scale.context + scale.unroll, 8)):
         summary = encode(EncodeOptions(out / "videos" / split, out / "shards" / split, vae, height=scale.size,
                                        width=scale.size, clip_frames=frames, stride=stride, workers=scale.workers,
                                        progress=scale.progress))
@@ -73,13 +76,18 @@ def run(out: Path, scale: DemoScale, extra_overrides: list[str] | None = None) -
         report = verify(out / "shards" / split, progress=False)
         if not report.ok:
             raise RuntimeError(f"verify {split}: {report.problems[:3]}")
-    done("encode")
+    _done("encode", timings)
+    return [f"data.path={out / 'shards' / 'train'}", f"data.holdout_path={out / 'shards' / 'holdout'}",
+            f"data.clip_frames={CLIP_FRAMES}"]
 
-    stage("train")
+
+def run(out: Path, scale: DemoScale, extra_overrides: list[str] | None = None) -> dict:
+    timings: dict[str, float] = {}
+    data_overrides = prepare_shards(out, scale, timings)
+    _stage("train", timings)
     from scd_train.trainer import Trainer
 
-    overrides = [f"data.path={out / 'shards' / 'train'}", f"data.holdout_path={out / 'shards' / 'holdout'}",
-                 f"data.clip_frames={clip_frames}", f"train.run_dir={out / 'run'}", f"train.steps={scale.train_steps}",
+    overrides = [*data_overrides, f"train.run_dir={out / 'run'}", f"train.steps={scale.train_steps}",
                  f"train.checkpoint_every={scale.train_steps}", "log.wandb=disabled",
                  f"log.progress_bar={'true' if scale.progress else 'false'}", *(extra_overrides or [])]
     cfg = load_config(CONFIG, overrides)
@@ -88,9 +96,9 @@ def run(out: Path, scale: DemoScale, extra_overrides: list[str] | None = None) -
         result = trainer.run()
     finally:
         trainer.runtime.shutdown()
-    done("train")
+    _done("train", timings)
 
-    stage("sample")
+    _stage("sample", timings)
     from scd_train.eval.next_frame import next_frame_score
     from scd_train.sample import SampleRequest, rollout_clips, write_samples
     from scd_train.weights import load_model
@@ -101,7 +109,7 @@ def run(out: Path, scale: DemoScale, extra_overrides: list[str] | None = None) -
     paths = write_samples(batch.latents, rollout, codec, scale.context, out / "run" / "samples", batch.keys)
     score = next_frame_score(model, cfg, clips=scale.sample_clips, context=scale.context,
                              steps=cfg.diffusion.sample_steps)
-    done("sample")
+    _done("sample", timings)
     summary = {"final_loss": result.losses[-1][1] if result.losses else None, "steps": result.step,
                "next_frame_psnr": score.model_psnr, "copy_last_psnr": score.copy_last_psnr,
                "samples": [str(p) for p in paths if p.suffix == ".mp4"], "seconds": timings}
