@@ -1,7 +1,12 @@
 """``make demo``: train the tiny SCD on moving digits, then sample, score and time it.
 
     python -m scd_train.demo                      # the full demo (a few minutes on 2 CPU cores)
-    python -m scd_train.demo train.steps=50       # any dotted override of configs/tiny.yaml
+    python -m scd_train.demo train.steps=50       # any dotted override of the config
+    python -m scd_train.demo --source synthetic   # skip the data pipeline: frames rendered in memory
+
+By default the data goes the way users' data goes: synthetic videos written as mp4, a small VAE
+trained on them, clips encoded to latent shards (``scd-data``), then training from the shards and
+sampling decoded through the same VAE. Data stages reuse their output in --data-dir when run again.
 
 Writes into the run directory (runs/demo by default): checkpoints, metrics.jsonl, samples/
 (mp4 + gif, ground truth | generated), loss_curve.png and demo_summary.json.
@@ -24,7 +29,8 @@ from scd_train.models import build_model
 from scd_train.sample import SampleRequest, rollout_clips, write_samples
 from scd_train.weights import load_model
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIGS = {"shards": CONFIGS / "tiny_shards.yaml", "synthetic": CONFIGS / "tiny.yaml"}
 
 
 def train(cfg: Config):
@@ -86,6 +92,22 @@ def print_table(summary: dict) -> None:
     Console().print(table)
 
 
+def holdout_frames(cfg: Config) -> int:
+    """Length of the held-out clips: whole synthetic videos, or the clips stored in the held-out shards."""
+    if cfg.data.source == "synthetic":
+        return cfg.data.synthetic.frames_per_video
+    from scd_train.data.manifest import load_manifest
+
+    return load_manifest(cfg.data.holdout_path).frames
+
+
+def prepare_shard_data(data_dir: Path) -> list[str]:
+    """synth -> train-vae -> encode (train and held-out shards) -> verify; returns the data overrides."""
+    from data_prep.demo import DemoScale, prepare_shards
+
+    return prepare_shards(data_dir, DemoScale())
+
+
 def run_demo(cfg: Config, eval_clips: int, context: int) -> dict:
     run_dir = Path(cfg.train.run_dir)
     if (run_dir / "config.yaml").exists():  # an earlier demo: start over rather than resume it
@@ -95,7 +117,7 @@ def run_demo(cfg: Config, eval_clips: int, context: int) -> dict:
     model, model_cfg = load_model(run_dir)
     score = next_frame_score(model, model_cfg, clips=eval_clips, context=context,
                              steps=cfg.diffusion.sample_steps)
-    request = SampleRequest(clips=4, context=context, unroll=cfg.data.synthetic.frames_per_video - context)
+    request = SampleRequest(clips=4, context=context, unroll=holdout_frames(cfg) - context)
     batch, rollout, codec = rollout_clips(model, model_cfg, request)
     samples = write_samples(batch.latents, rollout, codec, context, run_dir / "samples", batch.keys)
     curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
@@ -116,12 +138,17 @@ def run_demo(cfg: Config, eval_clips: int, context: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scd-demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--source", choices=sorted(DEFAULT_CONFIGS), default="shards",
+                        help="shards: through scd-data and latent shards; synthetic: frames rendered in memory")
+    parser.add_argument("--config", type=Path, help="default: configs/tiny_shards.yaml or configs/tiny.yaml")
+    parser.add_argument("--data-dir", type=Path, default=Path("demo_out/data"), help="videos, VAE and shards")
     parser.add_argument("--eval-clips", type=int, default=32)
     parser.add_argument("--context", type=int, default=4)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, ["train.run_dir=runs/demo", "train.resume=false", *args.overrides])
+    data_overrides = prepare_shard_data(args.data_dir) if args.source == "shards" else []
+    cfg = load_config(args.config or DEFAULT_CONFIGS[args.source],
+                      [*data_overrides, "train.run_dir=runs/demo", "train.resume=false", *args.overrides])
     summary = run_demo(cfg, args.eval_clips, args.context)
     print_table(summary)
     print(f"samples: {Path(cfg.train.run_dir) / 'samples'}   loss curve: {summary['loss_curve']}")
