@@ -90,6 +90,7 @@ class Trainer:
         set_learning_rates(self.backend.optimizer, self.state.step, cfg.optim)
         check_learning_rates(self.backend.optimizer, self.state.step, cfg.optim)
         self.stop_requested = False
+        self.stop_signals: set[int] = set()  # which signals asked to stop (a launcher may requeue on some)
         self.wandb = None
         self.metrics_file = None
 
@@ -228,6 +229,7 @@ class Trainer:
         def request_stop(signum, frame):  # noqa: ARG001
             log.warning("received signal %d: saving at the next step boundary", signum)
             self.stop_requested = True
+            self.stop_signals.add(signum)
 
         previous = {}
         for sig in STOP_SIGNALS:
