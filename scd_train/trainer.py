@@ -90,7 +90,6 @@ class Trainer:
         set_learning_rates(self.backend.optimizer, self.state.step, cfg.optim)
         check_learning_rates(self.backend.optimizer, self.state.step, cfg.optim)
         self.stop_requested = False
-        self.stop_signals: set[int] = set()  # which signals asked to stop (a launcher may requeue on some)
         self.wandb = None
         self.metrics_file = None
 
@@ -140,14 +139,16 @@ class Trainer:
             while self.state.step < cfg.train.steps:
                 record = self._train_step(batches, meter, window)
                 progress.update()
-                if self.runtime.any_true(self.stop_requested):
-                    self.save()
-                    status = "stopped"
-                    break
                 if self._due(cfg.log.every) or self.state.step == cfg.train.steps:
                     record.update(self._window_metrics(meter, window))
                     losses.append((self.state.step, record["loss"]))
                     self._log(record, progress)
+                # After logging: the stop checkpoint includes this step, so a resumed run must not lose its
+                # record. A stop at the last step is a finish (its final save follows), never a requeue.
+                if self.state.step < cfg.train.steps and self.runtime.any_true(self.stop_requested):
+                    self.save()
+                    status = "stopped"
+                    break
                 if self._due(cfg.train.checkpoint_every) or self.state.step == cfg.train.steps:
                     self.save()
         progress.close()
@@ -229,7 +230,6 @@ class Trainer:
         def request_stop(signum, frame):  # noqa: ARG001
             log.warning("received signal %d: saving at the next step boundary", signum)
             self.stop_requested = True
-            self.stop_signals.add(signum)
 
         previous = {}
         for sig in STOP_SIGNALS:

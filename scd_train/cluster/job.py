@@ -2,24 +2,29 @@
 
 Stopping and requeueing is split between the trainer and submitit:
 
-* while the training loop runs, the trainer owns SIGTERM and the preemption signal (SIGUSR2,
-  which ``--signal`` sends ahead of the time limit and SLURM sends on preemption). Every rank
-  finishes its step, the stop decision is all-reduced, and one complete checkpoint is written;
-* the trainer then returns, and if any rank saw the preemption signal, every task hands over to
-  the handler submitit installed for that signal. On task 0 it calls :meth:`TrainingJob.checkpoint`,
-  stores the returned resubmission and runs ``scontrol requeue``; other tasks return. The requeued
-  job runs the same callable, whose config points at the same run directory, so the trainer resumes
-  from the latest complete checkpoint and continues the logger run stored in it;
-* SIGTERM alone (``scancel``, the hard time limit) saves and stops without a requeue, as submitit
-  does. A run that finished is never requeued: the preemption signal is ignored from then on and
-  :meth:`checkpoint` returns None.
+* while the training loop runs, the trainer owns SIGTERM and SIGUSR2. ``--signal`` makes SLURM
+  send SIGUSR2 ahead of the time limit; a preemption sends SIGTERM (or SIGUSR2 where the cluster
+  sets ``preempt_send_user_signal``). Every rank finishes its step, the stop decision is
+  all-reduced, and one complete checkpoint is written;
+* the trainer then returns, and if the job is still RUNNING in SLURM's eyes (a time-limit warning
+  or a preemption, as opposed to ``scancel`` or the hard limit, which leave it COMPLETING), every
+  task hands over to the handler submitit installed for its preemption signal. On task 0 it calls
+  :meth:`TrainingJob.checkpoint`, stores the returned resubmission and runs ``scontrol requeue``;
+  other tasks return. The requeued job runs the same callable, whose config points at the same
+  run directory, so the trainer resumes from the latest complete checkpoint and continues the
+  logger run stored in it;
+* a run that finished is never requeued: the preemption signal is ignored from then on and
+  :meth:`checkpoint` returns None. Exiting 0 after a stop would also be wrong: SLURM would record
+  a preempted job as COMPLETED and never restart it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,16 +72,15 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
         trainer = Trainer(self.cfg)
         result = trainer.run()
-        sig = preemption_signal()
-        preempted = result.status == "stopped" and trainer.runtime.any_true(sig in trainer.stop_signals)
         trainer.runtime.shutdown()
         summary = {"status": result.status, "step": result.step, "run_dir": str(result.run_dir),
                    "rank": env.rank}
+        sig = preemption_signal()
         if result.status == "finished":
             self.finished = True
             signal.signal(sig, _ignore_after_finish)
-            return summary
-        if preempted:
+        elif env.rank == 0 and job_continues_after_stop():
+            # Only task 0 requeues (the others would return at once), so only it asks the scheduler.
             self._hand_over_to_submitit(sig)
             summary["status"] = "requeued"
         return summary
@@ -87,8 +91,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
             log.warning("stopped by signal %d at a saved checkpoint; no submitit requeue handler here, so "
                         "submit again to continue from %s", sig, self.run_dir)
             return
-        # Task 0 calls checkpoint(), stores the resubmission, runs `scontrol requeue` and exits;
-        # the other tasks return at once.
+        # Calls checkpoint(), stores the resubmission, runs `scontrol requeue` and exits.
         handler.checkpoint_and_try_requeue(sig)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission | None:
@@ -97,6 +100,26 @@ class TrainingJob(submitit.helpers.Checkpointable):
             log.info("training finished; not requeueing")
             return None
         return submitit.helpers.DelayedSubmission(TrainingJob(self.cfg), *args, **kwargs)
+
+
+def job_continues_after_stop() -> bool:
+    """Whether the scheduler still runs this job after a stop signal, i.e. it should be requeued."""
+    executor = os.environ.get("SUBMITIT_EXECUTOR", "")
+    if executor == "local":
+        return True  # only submitit's own timeout signal stops a local job
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if executor != "slurm" or not job_id:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("cannot read job %s's state (%s); not requeueing", job_id, exc)
+        return False
+    fields = dict(re.findall(r"(\w+)=(\S*)", out))
+    state, preempted = fields.get("JobState", "?"), fields.get("PreemptTime", "None")
+    log.warning("stopped at a saved checkpoint; job %s is %s (preempted at %s)", job_id, state, preempted)
+    return state == "RUNNING"
 
 
 def _ignore_after_finish(signum, frame) -> None:  # noqa: ARG001
