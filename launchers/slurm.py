@@ -20,6 +20,7 @@ from scd_train.cluster.submission import (
     CLUSTERS,
     LaunchError,
     Resources,
+    check_cluster,
     describe,
     load_sweep,
     log_paths,
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_preemption_signal()
         resources = resources_from_args(args)
+        check_cluster(args.cluster, resources)
         sweep = load_sweep(args.sweep) if args.sweep else None
         runs = plan_runs(args.config, args.overrides, args.backend, args.run_dir, resources.world_size, sweep)
         resources.job_name = args.job_name or (runs[0].run_dir.parent if sweep else runs[0].run_dir).name

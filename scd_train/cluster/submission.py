@@ -245,6 +245,17 @@ def render_dry_run(info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_cluster(cluster: str, resources: Resources) -> None:
+    """Local and debug jobs run on this machine: one node; debug also one task."""
+    if cluster not in CLUSTERS:
+        raise LaunchError(f"--cluster={cluster!r}: expected one of {', '.join(CLUSTERS)}")
+    if cluster != "slurm" and resources.nodes != 1:
+        raise LaunchError(f"--cluster {cluster} runs on this machine only; got --nodes={resources.nodes}")
+    if cluster == "debug" and resources.world_size != 1:
+        raise LaunchError(f"--cluster debug runs one task in this process; got {resources.world_size} tasks "
+                          "(use --cluster local for several)")
+
+
 def make_executor(cluster: str, folder: Path, resources: Resources, max_timeouts: int):
     """A submitit executor for ``cluster`` with these resources."""
     import submitit
@@ -253,8 +264,7 @@ def make_executor(cluster: str, folder: Path, resources: Resources, max_timeouts
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_timeouts)
         executor.update_parameters(**resources.sbatch_parameters())
         return executor
-    if resources.nodes != 1:
-        raise LaunchError(f"--cluster {cluster} runs on this machine only; got --nodes={resources.nodes}")
+    check_cluster(cluster, resources)
     if cluster == "local":
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=max_timeouts)
         executor.update_parameters(timeout_min=resources.time_min, tasks_per_node=resources.tasks_per_node,
@@ -262,9 +272,6 @@ def make_executor(cluster: str, folder: Path, resources: Resources, max_timeouts
                                    signal_delay_s=resources.signal_delay_s)
         return executor
     if cluster == "debug":
-        if resources.world_size != 1:
-            raise LaunchError(f"--cluster debug runs one task in this process; got {resources.world_size} tasks "
-                              "(use --cluster local for several)")
         return submitit.DebugExecutor(folder=folder)
     raise LaunchError(f"--cluster={cluster!r}: expected one of {', '.join(CLUSTERS)}")
 
