@@ -13,6 +13,7 @@ itself; preemption takes the same path. A requeued job resumes in the same run d
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from scd_train.cluster.job import preemption_signal
@@ -82,6 +83,8 @@ def resources_from_args(args: argparse.Namespace) -> Resources:
 
 
 def check_preemption_signal() -> None:
+    if "SUBMITIT_PREEMPT_SIGNAL" not in os.environ:
+        return  # submitit's default, SIGUSR2, is one the trainer stops on
     from scd_train.trainer import STOP_SIGNALS
 
     sig = preemption_signal()

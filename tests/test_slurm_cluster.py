@@ -106,7 +106,7 @@ InactiveLimit=0
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=2000 State=UNKNOWN
-PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
+PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=600
 PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 """)
 
@@ -251,25 +251,36 @@ def test_sweep_runs_as_job_array(slurm, repo_root, subprocess_env, tmp_path):
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
 
 
+INTERRUPTS = {
+    # A job on a higher-priority partition needs the node: SLURM preempts ours (SIGTERM, grace time).
+    "preemption": lambda slurm, job_id: slurm.run("sbatch", "--partition", "urgent", "--ntasks", "2",
+                                                  "--output", "/dev/null", "--wrap", "sleep 1"),
+    # What `#SBATCH --signal=USR2@<delay>` delivers ahead of the time limit, sent now instead of later.
+    "time-limit warning": lambda slurm, job_id: slurm.run("scancel", "--signal=USR2", job_id),
+}
+
+
 @pytest.mark.parametrize("tasks", [1])
-def test_preempted_job_saves_requeues_and_resumes(slurm, repo_root, subprocess_env, tmp_path, tasks):
-    steps = 300
+@pytest.mark.parametrize("interrupt", sorted(INTERRUPTS))
+def test_interrupted_job_saves_requeues_and_resumes(slurm, repo_root, subprocess_env, tmp_path, tasks, interrupt):
+    steps = 150
     run_dir = tmp_path / "run"
     backend = ["--backend", "ddp"] if tasks > 1 else []
     (job_id,) = launch(slurm, repo_root, subprocess_env, tmp_path, "--tasks-per-node", str(tasks), *backend,
                        "--partition", "debug", "--run-dir", str(run_dir), f"train.steps={steps}")
-    # Preempt part-way, the way a cluster does: a job on a higher-priority partition needs the node.
     slurm.wait_for(lambda: len(metric_steps(run_dir)) >= 20, 120, "the first 20 training steps")
-    slurm.run("sbatch", "--partition", "urgent", "--ntasks", "2", "--output", "/dev/null", "--wrap", "sleep 1")
+    INTERRUPTS[interrupt](slurm, job_id)
 
     info = slurm.wait_job_done(job_id, 240)
-    logs = {rank: (run_dir / "slurm" / f"{job_id}_{rank}_log.err").read_text() for rank in range(tasks)}
+    logs = {rank: "".join((run_dir / "slurm" / f"{job_id}_{rank}_log.{kind}").read_text() for kind in ("out", "err"))
+            for rank in range(tasks)}
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, logs[0][-3000:])
     assert int(info["Restarts"]) >= 1, info
     train_log = (run_dir / "train.log").read_text()
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", train_log)]
     assert resumed and 20 <= resumed[0] < steps, train_log[-2000:]
-    assert "Requeued job" in logs[0], logs[0][-3000:]  # submitit's checkpoint path, not only SLURM's own requeue
+    # Requeued by submitit's checkpoint path: SLURM's own requeue would wait for the 600 s grace time.
+    assert "Calling checkpoint method" in logs[0] and f"Requeued job {job_id}" in logs[0], logs[0][-3000:]
     # every step logged exactly once: no gap, no repeat across the restart
     assert metric_steps(run_dir) == list(range(1, steps + 1))
     assert latest_checkpoint_step(run_dir) == steps

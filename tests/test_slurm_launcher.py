@@ -206,6 +206,12 @@ def test_bad_requests_fail_before_submission(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_preemption_signal_the_trainer_ignores_is_refused(capsys, monkeypatch):
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "HUP")
+    assert launcher.main(["--gpus-per-node", "1", "--dry-run"]) == 2
+    assert "SUBMITIT_PREEMPT_SIGNAL=HUP" in capsys.readouterr().err
+
+
 def test_script_runs_as_a_file(repo_root, subprocess_env, python_exe):
     proc = subprocess.run([python_exe, str(repo_root / "launchers" / "slurm.py"), "--nodes", "3",
                            "--gpus-per-node", "8", "--backend", "fsdp2", "--dry-run"],
