@@ -260,9 +260,8 @@ INTERRUPTS = {
 }
 
 
-@pytest.mark.parametrize("tasks", [1])
-@pytest.mark.parametrize("interrupt", sorted(INTERRUPTS))
-def test_interrupted_job_saves_requeues_and_resumes(slurm, repo_root, subprocess_env, tmp_path, tasks, interrupt):
+@pytest.mark.parametrize("interrupt, tasks", [("preemption", 2), ("time-limit warning", 1)])
+def test_interrupted_job_saves_requeues_and_resumes(slurm, repo_root, subprocess_env, tmp_path, interrupt, tasks):
     steps = 150
     run_dir = tmp_path / "run"
     backend = ["--backend", "ddp"] if tasks > 1 else []

@@ -20,6 +20,7 @@ Stopping and requeueing is split between the trainer and submitit:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -73,6 +74,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         trainer = Trainer(self.cfg)
         result = trainer.run()
         trainer.runtime.shutdown()
+        if env.world_size > 1:
+            atexit.register(_exit_without_finalization)
         summary = {"status": result.status, "step": result.step, "run_dir": str(result.run_dir),
                    "rank": env.rank}
         sig = preemption_signal()
@@ -120,6 +123,15 @@ def job_continues_after_stop() -> bool:
     state, preempted = fields.get("JobState", "?"), fields.get("PreemptTime", "None")
     log.warning("stopped at a saved checkpoint; job %s is %s (preempted at %s)", job_id, state, preempted)
     return state == "RUNNING"
+
+
+def _exit_without_finalization() -> None:
+    """Runs first at interpreter exit, after submitit has stored the result: skips finalization, where
+    gloo can abort (SIGABRT from a still-joinable thread) and turn a finished task into a failed one."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _ignore_after_finish(signum, frame) -> None:  # noqa: ARG001
