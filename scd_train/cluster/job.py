@@ -74,8 +74,6 @@ class TrainingJob(submitit.helpers.Checkpointable):
         trainer = Trainer(self.cfg)
         result = trainer.run()
         trainer.runtime.shutdown()
-        if env.world_size > 1:
-            atexit.register(_exit_without_finalization)
         summary = {"status": result.status, "step": result.step, "run_dir": str(result.run_dir),
                    "rank": env.rank}
         sig = preemption_signal()
@@ -84,8 +82,10 @@ class TrainingJob(submitit.helpers.Checkpointable):
             signal.signal(sig, _ignore_after_finish)
         elif env.rank == 0 and job_continues_after_stop():
             # Only task 0 requeues (the others would return at once), so only it asks the scheduler.
+            # On success this does not return: submitit exits after `scontrol requeue`.
             self._hand_over_to_submitit(sig)
-            summary["status"] = "requeued"
+        if env.world_size > 1:
+            atexit.register(_exit_without_finalization)
         return summary
 
     def _hand_over_to_submitit(self, sig: int) -> None:
