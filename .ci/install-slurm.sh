@@ -5,6 +5,7 @@
 # Works as root or through sudo; exits 0 (with a message) when neither is available, so the suite
 # still runs and those tests skip with the reason.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/usr/local/sbin:/sbin"  # daemons live in sbin
 
 if command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
    && command -v munged >/dev/null; then

@@ -41,6 +41,12 @@ log: {every: 1, wandb: disabled, progress_bar: false}
 """
 
 
+def _find(binary: str) -> str | None:
+    """Daemons live in sbin, which a non-root PATH often lacks."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
+    return shutil.which(binary, path=search)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,11 +126,11 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10
         key.chmod(0o600)
         self.write_config()
         r = self.root
-        self._daemon("munged", ["munged", f"--socket={r}/run/munge.socket", f"--key-file={key}",
+        self._daemon("munged", [_find("munged"), f"--socket={r}/run/munge.socket", f"--key-file={key}",
                                 f"--pid-file={r}/run/munged.pid", f"--seed-file={key_dir}/seed",
                                 f"--log-file={r}/log/munged.log"])
-        self._daemon("slurmctld", ["slurmctld", "-f", str(self.conf)])
-        self._daemon("slurmd", ["slurmd", "-f", str(self.conf), "-N", self.node])
+        self._daemon("slurmctld", [_find("slurmctld"), "-f", str(self.conf)])
+        self._daemon("slurmd", [_find("slurmd"), "-f", str(self.conf), "-N", self.node])
         self.wait_for(lambda: "idle" in self.run("sinfo", "-h", "-o", "%T", check=False), 30, "node idle")
 
     def _daemon(self, name: str, argv: list[str]) -> None:
@@ -197,7 +203,7 @@ def _process_is(pid: int, name: str) -> bool:
 
 @pytest.fixture(scope="module")
 def slurm():
-    missing = [b for b in BINARIES if shutil.which(b) is None]
+    missing = [b for b in BINARIES if _find(b) is None]
     if missing:
         pytest.skip(f"SLURM/munge not installed (missing {', '.join(missing)}); .ci/install-slurm.sh installs them")
     root = Path(tempfile.mkdtemp(prefix="scd-slurm-", dir="/tmp"))  # short: munge's socket path is limited
