@@ -171,6 +171,9 @@ class TrainConfig:
     # Non-finite loss or gradient norm: "stop" the run, or "skip" the step (bounded).
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = 0
+    # backend=deepspeed: a DeepSpeed JSON merged over the one generated from this config (ZeRO
+    # stage 3 only; it may not carry "optimizer" or "scheduler", which would override our groups).
+    deepspeed_config: str | None = None
 
 
 @dataclass
