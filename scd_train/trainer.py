@@ -148,14 +148,16 @@ class Trainer:
             while self.state.step < cfg.train.steps:
                 record = self._train_step(batches, meter, window)
                 progress.update()
-                if self.runtime.any_true(self.stop_requested):
-                    self.save()
-                    status = "stopped"
-                    break
                 if self._due(cfg.log.every) or self.state.step == cfg.train.steps:
                     record.update(self._window_metrics(meter, window))
                     losses.append((self.state.step, record["loss"]))
                     self._log(record, progress)
+                # After logging: the stop checkpoint includes this step, so a resumed run must not lose its
+                # record. A stop at the last step is a finish (its final save follows), never a requeue.
+                if self.state.step < cfg.train.steps and self.runtime.any_true(self.stop_requested):
+                    self.save()
+                    status = "stopped"
+                    break
                 if self._due(cfg.train.checkpoint_every) or self.state.step == cfg.train.steps:
                     self.save()
         progress.close()

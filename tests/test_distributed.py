@@ -98,7 +98,7 @@ def weights(run_dir: Path, checkpoint: Path | None = None, ema: bool = True) -> 
 def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str = "") -> float:
     names = [n for n in a if n.startswith(prefix)]
     assert names and set(names) <= set(b), f"weights differ in names: {sorted(set(a) ^ set(b))[:5]}"
-    return max(float((a[n] - b[n]).abs().max()) for n in names)
+    return max(float((a[n] - b[n]).detach().abs().max()) for n in names)
 
 
 def expected_lrs(step: int, freeze_after: int | None = None) -> dict[str, float]:

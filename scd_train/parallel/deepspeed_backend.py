@@ -22,7 +22,7 @@ from scd_train.config import Config
 from scd_train.ema import EMA, canonical_name
 from scd_train.parallel.backend import TrainingBackend
 from scd_train.parallel.deepspeed_config import build_deepspeed_config
-from scd_train.parallel.runtime import Runtime
+from scd_train.parallel.runtime import Runtime, ensure_process_group
 from scd_train.precision.extra_state import trusted_extra_state
 
 CHECKPOINT_SUBDIR = "deepspeed"  # <checkpoint>/state/deepspeed: weights.py detects the format by it
@@ -54,9 +54,7 @@ class DeepSpeedBackend(TrainingBackend):
 
     def __init__(self, model: nn.Module, param_groups: list[dict], cfg: Config, runtime: Runtime) -> None:
         deepspeed = _import_deepspeed()
-        if not runtime.distributed:
-            raise RuntimeError("train.backend=deepspeed needs a process group: start with the deepspeed launcher "
-                               "or torchrun (a single process also works under `torchrun --nproc_per_node 1`)")
+        ensure_process_group(runtime)  # DeepSpeed needs one even for a single process
         if cfg.train.activation_checkpointing:
             from scd_train.parallel.checkpointing import apply_activation_checkpointing
 

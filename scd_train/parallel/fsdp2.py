@@ -20,7 +20,7 @@ from scd_train.config import Config
 from scd_train.models.block import DiTBlock
 from scd_train.optim import build_param_groups
 from scd_train.parallel.backend import TrainingBackend
-from scd_train.parallel.runtime import Runtime
+from scd_train.parallel.runtime import Runtime, ensure_process_group
 
 
 def mixed_precision_policy(compute_dtype: torch.dtype) -> MixedPrecisionPolicy:
@@ -54,6 +54,7 @@ class FSDP2Backend(TrainingBackend):
 
         # The models return reshaped (view) outputs; the loss only reads them, never in place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        ensure_process_group(runtime)  # fully_shard needs one even for a single process
         shard_blocks(model, mixed_precision_policy(resolve_precision(cfg.train.precision, runtime.device)))
         # fully_shard replaces every parameter with a DTensor one: build the groups afterwards.
         super().__init__(model, build_param_groups(model, cfg.optim), cfg, runtime)
