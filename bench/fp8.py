@@ -38,6 +38,10 @@ from scd_train.precision import prepare_fp8
 from scd_train.trainer import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
+# 32x32 RGB frames, space-to-depth by 4: 8x8x48 latents.
+MOVING_DIGITS_32 = ["data.synthetic.image_size=32", "data.synthetic.codec_factor=4", "data.synthetic.digit_scale=2",
+                    "data.synthetic.speed=2", "model.latent_channels=48", "model.latent_height=8",
+                    "model.latent_width=8"]
 SCD_M = ["model.width=1024", "model.num_heads=16", "model.head_dim=64", "model.rope_axes=[16,24,24]",
          "model.encoder_layers=8", "model.decoder_layers=4", "model.patch_size=1", "model.max_frames=300"]
 MODELS = {
@@ -50,7 +54,8 @@ TINY_MODELS = {"scd_m": [*_TINY, "model.encoder_layers=2"], "encoder_24": [*_TIN
 
 
 def bench_config(model_overrides: list[str], args: argparse.Namespace, fp8: bool) -> Config:
-    overrides = [*model_overrides, f"data.batch_size={args.batch_size}", f"data.clip_frames={args.clip_frames}",
+    overrides = [*model_overrides, *MOVING_DIGITS_32, f"data.batch_size={args.batch_size}",
+                 f"data.clip_frames={args.clip_frames}",
                  f"data.clip_stride={args.clip_frames // 2}", "data.synthetic.num_videos=64",
                  f"data.synthetic.frames_per_video={max(args.clip_frames, 24)}", "optim.warmup_steps=20",
                  "optim.lr=3e-4", f"train.device={args.device}", "train.backend=single",

@@ -276,7 +276,7 @@ def test_fp8_checkpoint_wrapping_keeps_names_and_gradients(cfg):
     assert wrap_blocks_for_checkpointing(wrapped, counting_checkpoint) == 3
     assert apply_activation_checkpointing(wrapped) == 0  # the backend's pass leaves them alone
     assert list(wrapped.state_dict()) == list(plain.state_dict())
-    latents, actions = torch.randn(2, 4, 48, 8, 8), torch.randint(0, 4, (2, 4))
+    latents, actions = torch.randn(2, 4, cfg.model.latent_channels, 8, 8), torch.randint(0, 4, (2, 4))
     grads = []
     for model in (plain, wrapped):
         torch.manual_seed(0)

@@ -64,7 +64,7 @@ def test_te_layers_replace_the_selection_and_track_bf16(repo_root, recipe):
     assert [n for n, _ in converted.named_parameters()] == [n for n, _ in reference.named_parameters()]
     reference.cuda()
     converted.cuda()
-    latents = torch.randn(2, 4, 48, 8, 8, device="cuda")
+    latents = torch.randn(2, 4, cfg.model.latent_channels, 8, 8, device="cuda")
     actions = torch.randint(0, 4, (2, 4), device="cuda")
     losses = []
     for model, context in ((reference, None), (converted, fp8.autocast)):

@@ -77,7 +77,7 @@ def test_float8_loss_and_gradients_track_fp32(repo_root):
     converted = copy.deepcopy(reference)
     prepare_fp8(converted, cfg, CPU_RUNTIME)
     torch.manual_seed(3)
-    latents = torch.randn(2, 4, 48, 8, 8)
+    latents = torch.randn(2, 4, cfg.model.latent_channels, 8, 8)
     actions = torch.randint(0, 4, (2, 4))
     ref_loss, ref_grads = _loss_and_grads(reference, cfg, latents, actions)
     fp8_loss, fp8_grads = _loss_and_grads(converted, cfg, latents, actions)
@@ -130,7 +130,7 @@ def test_float8_with_activation_checkpointing_gives_the_same_gradients(repo_root
     prepare_fp8(model, cfg, CPU_RUNTIME)
     checkpointed = copy.deepcopy(model)
     assert apply_activation_checkpointing(checkpointed) == 3
-    latents, actions = torch.randn(2, 4, 48, 8, 8), torch.randint(0, 4, (2, 4))
+    latents, actions = torch.randn(2, 4, cfg.model.latent_channels, 8, 8), torch.randint(0, 4, (2, 4))
     loss, grads = _loss_and_grads(model, cfg, latents, actions)
     ac_loss, ac_grads = _loss_and_grads(checkpointed, cfg, latents, actions)
     assert ac_loss == loss
