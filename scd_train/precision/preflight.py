@@ -9,6 +9,7 @@ random-length schedule can draw.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -148,10 +149,7 @@ def check_repeated_calls(trace: GemmTrace, cfg: Fp8Config) -> None:
 
 
 def _tokens(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape[:-1]:
-        count *= size
-    return count
+    return math.prod(shape[:-1])
 
 
 def run_preflight(cfg: Config, names: list[str], device: torch.device) -> GemmTrace:
