@@ -28,6 +28,7 @@ from scd_train.models import build_model
 from scd_train.optim import build_param_groups, check_learning_rates, set_learning_rates
 from scd_train.parallel.backend import build_backend
 from scd_train.parallel.runtime import Runtime, init_runtime
+from scd_train.weights import load_initial_weights
 
 log = logging.getLogger("scd_train")
 
@@ -78,6 +79,8 @@ class Trainer:
         self._prepare_run_dir()
         seed_everything(cfg.train.seed, self.runtime.rank)
         model = build_model(cfg.model)
+        if cfg.train.init_from:
+            load_initial_weights(model, cfg.train.init_from)
         self.backend = build_backend(model, build_param_groups(model, cfg.optim), cfg, self.runtime)
         self.ema = EMA(self.backend.ema_parameters(), cfg.optim.ema_decay)
         self.objective = build_objective(cfg.model, cfg.diffusion)

@@ -13,6 +13,7 @@ evaluation.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,10 @@ class VideoFeatures:
 
     def __init__(self, detector_path: str | Path, device: torch.device | str = "cpu") -> None:
         path = require_file(detector_path, "FVD feature network (TorchScript I3D)")
-        self.net = torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():
+            # the reference I3D is distributed as TorchScript, whatever torch thinks of the format
+            warnings.simplefilter("ignore", FutureWarning)
+            self.net = torch.jit.load(str(path), map_location=device).eval()
         self.device = torch.device(device)
 
     @torch.no_grad()

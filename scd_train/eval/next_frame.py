@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
+from scd_train.eval.metrics import psnr_from_mse
 from scd_train.sample import SampleRequest, rollout_clips
 
 
@@ -18,8 +18,12 @@ class NextFrameScore:
 
 
 def psnr_per_clip(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR (data range 1) of each clip's frames (N, 3, H, W), returned per clip."""
-    return torch.stack([peak_signal_noise_ratio(p, t, data_range=1.0) for p, t in zip(prediction, target)])
+    """PSNR (data range 1) of each clip's frames (..., 3, H, W), from the clip's mean squared error.
+
+    An exact prediction gets the capped value ``scd_train.eval.metrics.PSNR_CAP_DB``, not inf.
+    """
+    mse = (prediction.double() - target.double()).pow(2).flatten(1).mean(dim=1)
+    return psnr_from_mse(mse).float()
 
 
 @torch.no_grad()
