@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (EvalInputError, ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (EvalInputError, ConfigError, FileNotFoundError, KeyError, ValueError, NotImplementedError) as exc:
         print(f"scd-eval: {exc}", file=sys.stderr)
         return 2
 

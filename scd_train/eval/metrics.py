@@ -8,7 +8,6 @@ value for a frame with any error above MSE 1e-10.
 
 from __future__ import annotations
 
-import math
 import torch
 from torch import Tensor
 from torchmetrics.functional.image import structural_similarity_index_measure
@@ -76,7 +75,3 @@ def selection_rule(metric: str, official: bool) -> str:
     if metric == "mse" and official:
         return "max"
     return "max" if HIGHER_IS_BETTER[metric] else "min"
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, NotImplementedError) as exc:
         print(f"scd-probe: {exc}", file=sys.stderr)
         return 2
 

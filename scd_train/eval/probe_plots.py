@@ -53,7 +53,10 @@ def plot_depth_curves(result: ProbeResult, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     left.plot(depth, summary["feature_similarity"]["mean_across_steps"], marker="o", label="mean over step pairs")
     left.plot(depth, summary["feature_similarity"]["first_vs_last_step"], marker="s", label="first vs last step")
-    left.set(xlabel="layer", ylabel="cosine similarity", title="feature similarity across steps")
+    lowest = min(min(summary["feature_similarity"]["mean_across_steps"]),
+                 min(summary["feature_similarity"]["first_vs_last_step"]))
+    left.set(xlabel="layer", ylabel="cosine similarity", title="feature similarity across steps",
+             ylim=(min(0.0, lowest) - 0.02, 1.02))
     left.legend(fontsize=7)
     right.plot(depth, share.mean(axis=1), marker="o")
     right.fill_between(depth, share.min(axis=1), share.max(axis=1), alpha=0.25)
@@ -80,6 +83,8 @@ def plot_attention_maps(result: ProbeResult, path: Path) -> Path:
     im = right.imshow(share, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0)
     right.set(xlabel="denoising step", ylabel="layer", title="share to earlier frames")
     fig.colorbar(im, ax=right)
+    for ax in (left, right):
+        ax.set_yticks(range(mass.shape[0]))
     fig.tight_layout()
     return save_figure(fig, path)
 
