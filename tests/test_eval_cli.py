@@ -78,12 +78,12 @@ def test_eval_side_by_side_with_all_metrics(runs, feature_files, tmp_path):
     assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run written"
 
 
-def test_eval_official_compat_mode(runs, tmp_path):
+def test_eval_official_compat_mode(runs, feature_files, tmp_path):
     from scd_train.eval.cli import main
 
     out = tmp_path / "official"
     code = main(["--baseline", str(runs["dense"]), *SMALL_PROTOCOL, "--compat", "official", "--sheet-clips", "0",
-                 "--wandb", "disabled", "--out", str(out)])
+                 "--fvd-i3d", str(feature_files["fvd"]), "--wandb", "disabled", "--out", str(out)])
     assert code == 0
     result = json.loads((out / "eval.json").read_text())
     summary = result["models"]["baseline"]
@@ -91,6 +91,8 @@ def test_eval_official_compat_mode(runs, tmp_path):
     assert summary["selection"]["mse"] == "max"
     worst = [max(r) for r in summary["per_video"]["mse"]]
     assert summary["metrics"]["mse"] == pytest.approx(sum(worst) / 3)
+    assert len(summary["fvd_per_trajectory"]) == 2
+    assert summary["metrics"]["fvd"] == pytest.approx(sum(summary["fvd_per_trajectory"]) / 2)
 
 
 def test_eval_errors_name_the_problem(runs, tmp_path, capsys):

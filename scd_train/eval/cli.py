@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scd", type=Path, help="SCD run directory or exported .safetensors")
     p.add_argument("--baseline", type=Path, help="dense baseline run directory or exported .safetensors")
     p.add_argument("--raw", action="store_true", help="use raw weights instead of the EMA")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="tiny; minecraft (the paper's settings); minecraft-official (plus the reference quirks)")
     defaults = EvalProtocol()
     for name in PROTOCOL_FLAGS:
         kind = type(getattr(defaults, name)) if getattr(defaults, name) is not None else (

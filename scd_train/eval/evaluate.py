@@ -70,8 +70,8 @@ def official_round_trip(truth: Tensor, sample: Tensor, crf: int) -> tuple[Tensor
 class ModelTally:
     trajectories: int
     scores: dict[str, list[list[float]]] = field(default_factory=dict)  # metric -> per video, per trajectory
-    fvd_real: list[list[Tensor]] = field(default_factory=list)
-    fvd_fake: list[list[Tensor]] = field(default_factory=list)
+    fvd_real: list[list[Tensor]] = field(init=False)  # trajectory set -> per batch (b, D) features
+    fvd_fake: list[list[Tensor]] = field(init=False)
     first_frame_seconds: list[float] = field(default_factory=list)
     steady_frame_seconds: list[float] = field(default_factory=list)
     settings: SamplerSettings | None = None
