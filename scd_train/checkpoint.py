@@ -152,14 +152,22 @@ class CheckpointManager:
                 log.warning("skipping incomplete checkpoint %s (no %s marker)", p, COMPLETE)
         return complete[-1] if complete else None
 
-    def load(self, path: Path, backend, ema) -> tuple[dict, dict]:
-        """Restore backend state and EMA; returns (trainer_state, this rank's state)."""
+    def load(self, path: Path, backend, ema) -> tuple[dict, dict | None]:
+        """Restore backend state and EMA; returns (trainer_state, this rank's state).
+
+        The rank state is None when the checkpoint was written by another world size and the
+        backend resharded the model (per-rank RNG and data position then do not carry over).
+        """
         trainer_state = json.loads((path / TRAINER_STATE).read_text())
         saved_world = trainer_state["world_size"]
-        if saved_world != self.runtime.world_size:
+        world = self.runtime.world_size
+        if saved_world != world and not backend.supports_reshard:
             raise RuntimeError(
-                f"checkpoint {path} was written by {saved_world} ranks but this run has "
-                f"{self.runtime.world_size}; resume with {saved_world} ranks")
+                f"checkpoint {path} was written by {saved_world} ranks but this run has {world}; "
+                f"train.backend={backend.name!r} cannot reshard it: resume with {saved_world} ranks")
         backend.load(path, ema)
+        if saved_world != world:
+            log.warning("checkpoint %s was written by %d ranks; resharded onto %d", path, saved_world, world)
+            return trainer_state, None
         rank_state = torch.load(path / rank_file(self.runtime.rank), weights_only=False)
         return trainer_state, rank_state

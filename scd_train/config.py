@@ -124,6 +124,14 @@ class DataConfig:
     source: Literal["synthetic", "webdataset", "mds"] = "synthetic"
     # Directory holding shards and manifest.json (for webdataset / mds).
     path: str | None = None
+    # Shard directory of held-out clips for sampling and evaluation (webdataset / mds).
+    holdout_path: str | None = None
+    # Latent normalization the model expects; must match the manifest ("channel_stats": per-channel
+    # mean/std measured at encode time, "scaling_factor": the VAE's scaling/shift factors).
+    normalization: Literal["channel_stats", "scaling_factor"] = "channel_stats"
+    # VAE folder that decodes latents to pixels; null uses the one recorded in the manifest.
+    # When set, its config hash must match the manifest's.
+    vae_path: str | None = None
     # Frames per training clip.
     clip_frames: int = 16
     # Stride between clip starts when cutting videos into clips.
@@ -166,6 +174,9 @@ class TrainConfig:
     # Non-finite loss or gradient norm: "stop" the run, or "skip" the step (bounded).
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = 0
+    # backend=deepspeed: a DeepSpeed JSON merged over the one generated from this config (ZeRO
+    # stage 3 only; it may not carry "optimizer" or "scheduler", which would override our groups).
+    deepspeed_config: str | None = None
 
 
 @dataclass

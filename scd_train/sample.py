@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from scd_train.config import ConfigError
 from scd_train.data.holdout import holdout_clips
 from scd_train.diffusion.sampling import Rollout, SamplerSettings, generate
 from scd_train.video import mark_generated, side_by_side, to_hwc_uint8, upscale, write_gif, write_mp4
@@ -52,11 +53,12 @@ def rollout_clips(model, cfg, request: SampleRequest, device: torch.device | str
 
 
 def write_samples(truth_latents: torch.Tensor, rollout: Rollout, codec, context: int, out_dir: Path,
-                  keys: list[str], scale: int = 4, fps: int = 6) -> list[Path]:
+                  keys: list[str], scale: int | None = None, fps: int = 6) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     truth = codec.decode(truth_latents.cpu())
     generated = codec.decode(rollout.frames.cpu())
+    scale = scale or max(1, 128 // truth.shape[-1])  # small frames are enlarged to be watchable
     for i, key in enumerate(keys):
         gt = upscale(to_hwc_uint8(truth[i]), scale)
         gen = mark_generated(upscale(to_hwc_uint8(generated[i]), scale), context)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, cfg = load_model(args.source, args.checkpoint, use_ema=not args.raw, device=args.device)
-    except (FileNotFoundError, KeyError) as exc:
+    except (FileNotFoundError, KeyError, ConfigError) as exc:
         print(f"scd-sample: {exc}", file=sys.stderr)
         return 2
     request = SampleRequest(args.clips, args.context, args.unroll, args.steps, args.cfg_scale, args.cfg_mode,

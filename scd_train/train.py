@@ -41,13 +41,26 @@ def main(argv: list[str] | None = None) -> int:
     from scd_train.trainer import Trainer
 
     trainer = Trainer(cfg)
-    try:
-        result = trainer.run()
-    finally:
-        trainer.runtime.shutdown()
+    # On an error there is no closing barrier: other ranks may be blocked in a collective, and
+    # the launcher tears them down once this process exits non-zero.
+    result = trainer.run()
+    trainer.runtime.shutdown()
     if trainer.runtime.is_main:
         print(f"{result.status} at step {result.step}; run directory: {result.run_dir}")
+    if trainer.runtime.world_size > 1:
+        _exit_without_finalization(0)
     return 0
+
+
+def _exit_without_finalization(code: int) -> None:
+    """Leave after a clean distributed shutdown without interpreter finalization, where gloo can
+    abort (SIGABRT from a still-joinable C++ thread) and turn a finished run into a failed job."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

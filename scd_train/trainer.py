@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scd_train.checkpoint import CheckpointManager, capture_rng, restore_rng
+from scd_train.checkpoint import CheckpointManager, capture_rng, rank_file, restore_rng
 from scd_train.config import Config, dump_yaml, to_dict
 from scd_train.data import Batch, build_train_loader
 from scd_train.diffusion.objective import build_objective
@@ -27,6 +27,7 @@ from scd_train.metrics.throughput import ThroughputMeter
 from scd_train.models import build_model
 from scd_train.optim import build_param_groups, check_learning_rates, set_learning_rates
 from scd_train.parallel.backend import build_backend
+from scd_train.parallel.reshard import reshard_loader_state
 from scd_train.parallel.runtime import Runtime, init_runtime
 from scd_train.weights import load_initial_weights
 
@@ -77,11 +78,12 @@ class Trainer:
         self.runtime = runtime or init_runtime(cfg.train.device)
         self.run_dir = Path(cfg.train.run_dir)
         self._prepare_run_dir()
-        seed_everything(cfg.train.seed, self.runtime.rank)
+        seed_everything(cfg.train.seed, 0)  # the same initial weights on every rank and world size
         model = build_model(cfg.model)
         if cfg.train.init_from:
             load_initial_weights(model, cfg.train.init_from)
         self.backend = build_backend(model, build_param_groups(model, cfg.optim), cfg, self.runtime)
+        seed_everything(cfg.train.seed, self.runtime.rank)
         self.ema = EMA(self.backend.ema_parameters(), cfg.optim.ema_decay)
         self.objective = build_objective(cfg.model, cfg.diffusion)
         self.loader = build_train_loader(cfg, self.runtime.rank, self.runtime.world_size)
@@ -106,13 +108,18 @@ class Trainer:
         _configure_logging(self.run_dir, self.runtime.is_main)
 
     def _resume(self) -> None:
-        path = self.checkpoints.find_resumable()
+        path = self.runtime.broadcast_object(self.checkpoints.find_resumable())  # one choice for all ranks
         if path is None:
             return
         trainer_state, rank_state = self.checkpoints.load(path, self.backend, self.ema)
         self.state = TrainState(**{k: trainer_state[k] for k in asdict(TrainState()) if k in trainer_state})
-        self.loader.load_state_dict(rank_state["data"])
-        restore_rng(rank_state["rng"])
+        if rank_state is None:  # resharded onto another world size
+            saved = torch.load(path / rank_file(0), weights_only=False)["data"]
+            self.loader.load_state_dict(reshard_loader_state(saved, self.runtime.world_size))
+            seed_everything(self.cfg.train.seed + self.state.step, self.runtime.rank)
+        else:
+            self.loader.load_state_dict(rank_state["data"])
+            restore_rng(rank_state["rng"])
         self.resumed_from = path
         log.info("resumed from %s at step %d", path, self.state.step)
 
@@ -142,14 +149,16 @@ class Trainer:
             while self.state.step < cfg.train.steps:
                 record = self._train_step(batches, meter, window)
                 progress.update()
-                if self.runtime.any_true(self.stop_requested):
-                    self.save()
-                    status = "stopped"
-                    break
                 if self._due(cfg.log.every) or self.state.step == cfg.train.steps:
                     record.update(self._window_metrics(meter, window))
                     losses.append((self.state.step, record["loss"]))
                     self._log(record, progress)
+                # After logging: the stop checkpoint includes this step, so a resumed run must not lose its
+                # record. A stop at the last step is a finish (its final save follows), never a requeue.
+                if self.state.step < cfg.train.steps and self.runtime.any_true(self.stop_requested):
+                    self.save()
+                    status = "stopped"
+                    break
                 if self._due(cfg.train.checkpoint_every) or self.state.step == cfg.train.steps:
                     self.save()
         progress.close()
@@ -253,9 +262,7 @@ class Trainer:
         return path
 
     def _parameters_finite(self) -> bool:
-        local_ok = all(bool(torch.isfinite(p.detach()).all()) for p in self.backend.model.parameters()
-                       if p.numel() > 0)
-        return not self.runtime.any_true(not local_ok)
+        return not self.runtime.any_true(not self.backend.local_parameters_finite())
 
     def _close_loggers(self) -> None:
         if self.metrics_file is not None:

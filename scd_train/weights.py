@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scd_train.checkpoint import CheckpointManager
-from scd_train.config import Config, config_from_text, load_config
+from scd_train.config import Config, ConfigError, config_from_text, load_config
 from scd_train.models import build_model
 
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.run_dir / "export" / ("model.safetensors" if args.raw else "ema.safetensors")
     try:
         path = export(args.run_dir, out, args.checkpoint, use_ema=not args.raw)
-    except (FileNotFoundError, KeyError) as exc:
+    except (FileNotFoundError, KeyError, ConfigError) as exc:
         print(f"scd-export: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

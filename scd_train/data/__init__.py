@@ -23,4 +23,6 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> Resum
         clips, _ = synthetic_clips(cfg.data, "train")
         check_latent_shape(tuple(clips.latents.shape[2:]), cfg.model, "the synthetic data")
         return ShuffledLoader(clips, cfg.data.batch_size, cfg.data.seed, rank, world_size)
-    raise NotImplementedError(f"data.source={cfg.data.source!r} is not available in this build")
+    from scd_train.data.shards import build_shard_loader
+
+    return build_shard_loader(cfg, rank, world_size)

@@ -18,4 +18,6 @@ def holdout_clips(cfg: Config, frames: int) -> tuple[ClipSet, LatentCodec]:
                              f"data.synthetic.frames_per_video={syn.frames_per_video}")
         data = dataclasses.replace(cfg.data, clip_frames=frames, clip_stride=syn.frames_per_video)
         return synthetic_clips(data, "holdout")
-    raise NotImplementedError(f"held-out clips for data.source={cfg.data.source!r} are not available in this build")
+    from scd_train.data.shards import shard_holdout_clips
+
+    return shard_holdout_clips(cfg, frames)

@@ -2,8 +2,9 @@
 
 scikit-learn's bundled 8x8 digits are upscaled, coloured and moved inside a frame. Action a_t
 (right, left, down, up) sets the motion from frame t-1 to frame t, so frame t is predictable from
-frame t-1 and action t; a digit that would leave the frame bounces off the wall. Every video is a pure function of
-(seed, video index), independent of how many videos are rendered.
+the recent frames and action t. A digit that hits a wall bounces off it and keeps the reversed heading
+until the action changes, so the history, not just the last frame, decides the next one. Every video
+is a pure function of (seed, video index), independent of how many videos are rendered.
 """
 
 from __future__ import annotations
@@ -37,22 +38,28 @@ def render_video(cfg: SyntheticDataConfig, seed: int, index: int) -> tuple[np.nd
     sprites = [np.kron(digits[rng.integers(len(digits))], np.ones((cfg.digit_scale, cfg.digit_scale)))
                for _ in range(cfg.digits_per_video)]
     colours = rng.uniform(0.4, 1.0, size=(cfg.digits_per_video, 3))
-    positions = rng.integers(0, size - span + 1, size=(cfg.digits_per_video, 2))
+    # start on the speed grid so a bounce never lands where the digit already was
+    positions = rng.integers(0, (size - span) // max(cfg.speed, 1) + 1, size=(cfg.digits_per_video, 2)) * cfg.speed
     actions = _action_sequence(rng, cfg.frames_per_video, cfg.action_change_prob)
+    heading = np.ones_like(positions)  # per digit and axis: -1 after a bounce, until the action changes
     frames = np.zeros((cfg.frames_per_video, 3, size, size), dtype=np.float32)
     for t in range(cfg.frames_per_video):
         if t > 0:
-            positions = bounce(positions + cfg.speed * ACTION_STEPS[actions[t]], size - span)
+            if actions[t] != actions[t - 1]:
+                heading[:] = 1
+            positions, heading = bounce(positions + cfg.speed * heading * ACTION_STEPS[actions[t]], heading,
+                                        size - span)
         for sprite, colour, (row, col) in zip(sprites, colours, positions):
             patch = frames[t, :, row:row + span, col:col + span]
             np.maximum(patch, colour[:, None, None] * sprite[None], out=patch)
     return (frames * 255).round().astype(np.uint8), actions
 
 
-def bounce(positions: np.ndarray, limit: int) -> np.ndarray:
-    """Reflect coordinates that left [0, limit] back inside, so a push into a wall still moves."""
-    positions = np.abs(positions)
-    return np.where(positions > limit, 2 * limit - positions, positions)
+def bounce(positions: np.ndarray, heading: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reflect coordinates that left [0, limit] back inside and reverse the heading on that axis."""
+    outside = (positions < 0) | (positions > limit)
+    reflected = np.where(positions < 0, -positions, np.where(positions > limit, 2 * limit - positions, positions))
+    return reflected, np.where(outside, -heading, heading)
 
 
 def _action_sequence(rng: np.random.Generator, frames: int, change_prob: float) -> np.ndarray:

@@ -101,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     nets = load_feature_networks(args, protocol)
     candidates = load_candidates(args, protocol)
     clips, decode = holdout_eval_clips(candidates[0].cfg, protocol.frames, protocol.clips)
+    if len(clips) < protocol.clips:
+        print(f"scd-eval: warning: the protocol asks for {protocol.clips} clips but the held-out data provides "
+              f"{len(clips)}; evaluating {len(clips)}", file=sys.stderr)
     result = evaluate(candidates, clips, decode, protocol, nets, args.sheet_clips, args.device,
                       progress=lambda n: print(f"evaluated {n}/{len(clips)} clips", file=sys.stderr))
     data = result.to_json()

@@ -166,7 +166,8 @@ class EvalRun:
     def to_json(self) -> dict:
         import dataclasses
 
-        return {"protocol": dataclasses.asdict(self.protocol), "psnr_cap_db": PSNR_CAP_DB, "clips": self.keys,
+        return {"protocol": dataclasses.asdict(self.protocol), "psnr_cap_db": PSNR_CAP_DB,
+                "clips_evaluated": len(self.keys), "clips": self.keys,
                 "sources": self.sources,
                 "models": {name: t.summary(self.protocol.official) for name, t in self.tallies.items()}}
 

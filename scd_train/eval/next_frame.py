@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from scd_train.eval.metrics import psnr_from_mse
+from scd_train.eval.metrics import PSNR_CAP_DB, psnr_from_mse
 from scd_train.sample import SampleRequest, rollout_clips
+
+__all__ = ["PSNR_CAP_DB", "NextFrameScore", "next_frame_score", "psnr_per_clip"]
 
 
 @dataclass
@@ -20,7 +22,7 @@ class NextFrameScore:
 def psnr_per_clip(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """PSNR (data range 1) of each clip's frames (..., 3, H, W), from the clip's mean squared error.
 
-    An exact prediction gets the capped value ``scd_train.eval.metrics.PSNR_CAP_DB``, not inf.
+    An exact prediction gets the capped value ``PSNR_CAP_DB``, not inf.
     """
     mse = (prediction.double() - target.double()).pow(2).flatten(1).mean(dim=1)
     return psnr_from_mse(mse).float()

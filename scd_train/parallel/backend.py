@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from scd_train.config import Config
 from scd_train.ema import EMA
@@ -35,6 +36,8 @@ class TrainingBackend:
     """Base class; subclasses override wrapping, stepping and state I/O where they differ."""
 
     name = "base"
+    # Whether a checkpoint written by one world size can be loaded by another (DCP reshards).
+    supports_reshard = True
 
     def __init__(self, model: nn.Module, param_groups: list[dict], cfg: Config, runtime: Runtime) -> None:
         self.cfg, self.runtime = cfg, runtime
@@ -74,6 +77,10 @@ class TrainingBackend:
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def local_parameters_finite(self) -> bool:
+        """Whether this rank's share of the parameters is free of NaN/Inf (no collective)."""
+        return all(bool(torch.isfinite(local_tensor(p.detach())).all()) for p in self.model.parameters())
+
     def ema_parameters(self) -> list[tuple[str, Tensor]]:
         """(name, parameter) pairs the EMA shadows, in the parameters' own sharding."""
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -104,6 +111,11 @@ class SingleBackend(TrainingBackend):
     name = "single"
 
 
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor; any other tensor unchanged."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 @contextlib.contextmanager
 def _quiet_single_process():
     with warnings.catch_warnings():
@@ -112,15 +124,29 @@ def _quiet_single_process():
 
 
 def build_backend(model: nn.Module, param_groups: list[dict], cfg: Config, runtime: Runtime) -> TrainingBackend:
+    """Wrap ``model`` for ``cfg.train.backend``; ``param_groups`` name the model's parameters
+    (backends that replace parameters while sharding rebuild them from the wrapped model)."""
     name = cfg.train.backend
-    if name == "single":
-        if runtime.world_size > 1:
-            raise ValueError(f"train.backend='single' cannot run {runtime.world_size} processes; "
-                             "choose ddp, fsdp2 or deepspeed")
-        model.to(runtime.device)
-        if cfg.train.activation_checkpointing:
-            from scd_train.parallel.checkpointing import apply_activation_checkpointing
+    if name == "single" and runtime.world_size > 1:
+        raise ValueError(f"train.backend='single' cannot run {runtime.world_size} processes; "
+                         "choose ddp, fsdp2 or deepspeed")
+    if name == "deepspeed":
+        from scd_train.parallel.deepspeed_backend import DeepSpeedBackend
 
-            apply_activation_checkpointing(model)
+        return DeepSpeedBackend(model, param_groups, cfg, runtime)
+    model.to(runtime.device)
+    if cfg.train.activation_checkpointing:
+        from scd_train.parallel.checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    if name == "single":
         return SingleBackend(model, param_groups, cfg, runtime)
-    raise NotImplementedError(f"train.backend={name!r} is not available in this build")
+    if name == "ddp":
+        from scd_train.parallel.ddp import DDPBackend
+
+        return DDPBackend(model, param_groups, cfg, runtime)
+    if name == "fsdp2":
+        from scd_train.parallel.fsdp2 import FSDP2Backend
+
+        return FSDP2Backend(model, cfg, runtime)
+    raise ValueError(f"train.backend={name!r} is not one of single, ddp, fsdp2, deepspeed")

@@ -80,3 +80,24 @@ def init_runtime(device_choice: str = "auto", timeout_minutes: float = 30.0) -> 
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
     return Runtime(rank, world_size, local_rank, device)
+
+
+def ensure_process_group(runtime: Runtime) -> None:
+    """Give a one-process run a (world size 1) process group, for backends that always need one.
+
+    Uses the launcher's MASTER_ADDR/MASTER_PORT when set (torchrun --nproc_per_node 1), otherwise
+    a free local port.
+    """
+    if runtime.distributed:
+        return
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+    backend = "nccl" if runtime.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=0, world_size=1,
+                            device_id=runtime.device if runtime.device.type == "cuda" else None)

@@ -1,0 +1,1 @@
+"""``scd-data``: make latent datasets for scd-train (synthetic videos, a small VAE, encoding, checks)."""

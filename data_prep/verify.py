@@ -1,0 +1,84 @@
+"""``scd-data verify``: every shard against the manifest (size, sha256, sample count), every sample
+against the latent contract (fields, shape, dtype, finite values, per-sample checksum)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from scd_train.data.manifest import file_sha256, load_manifest
+from scd_train.data.shard_readers import CorruptSampleError, open_shards
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(root: Path, formats: list[str] | None = None, progress: bool = True) -> VerifyReport:
+    manifest = load_manifest(root)
+    report = VerifyReport()
+    for fmt in formats or sorted(manifest.shards):
+        _verify_format(manifest, fmt, report, progress)
+    return report
+
+
+def _verify_format(manifest, fmt: str, report: VerifyReport, progress: bool) -> None:
+    entries = manifest.shards_for(fmt)
+    intact = []
+    for entry in entries:
+        path = manifest.root / entry.path
+        report.shards += 1
+        if not path.is_file():
+            report.problems.append(f"{fmt} shard {path}: missing")
+        elif path.stat().st_size != entry.bytes:
+            report.problems.append(f"{fmt} shard {path}: {path.stat().st_size} bytes, manifest says {entry.bytes}")
+        elif file_sha256(path) != entry.sha256:
+            report.problems.append(f"{fmt} shard {path}: sha256 differs from the manifest")
+        else:
+            intact.append(entry.path)
+    if fmt == "mds":
+        _verify_mds_index(manifest, entries, report)
+    keys: dict[str, str] = {}
+    read = 0
+    readers = open_shards(manifest, fmt) if not any("missing" in p for p in report.problems) else []
+    total = sum(len(r) for r in readers)
+    with tqdm(total=total, desc=f"verify {fmt}", unit="sample", disable=not progress, file=sys.stderr) as bar:
+        for reader in readers:
+            for i in range(len(reader)):
+                try:
+                    sample = reader.read(i)
+                except CorruptSampleError as exc:
+                    report.problems.append(str(exc))
+                    bar.update(len(reader) - i)
+                    break
+                if sample.key in keys:
+                    report.problems.append(f"sample key {sample.key} appears in {keys[sample.key]} and {reader.path}")
+                keys[sample.key] = str(reader.path)
+                read += 1
+                bar.update()
+    report.samples += read
+    expected = sum(e.samples for e in entries)
+    if readers and read < expected and not report.problems:
+        report.problems.append(f"{fmt}: read {read} samples, manifest says {expected}")
+
+
+def _verify_mds_index(manifest, entries, report: VerifyReport) -> None:
+    index_path = manifest.root / "mds" / "index.json"
+    if not index_path.is_file():
+        report.problems.append(f"MDS index {index_path} is missing (StreamingDataset needs it)")
+        return
+    listed = {f"mds/{s['raw_data']['basename']}" for s in json.loads(index_path.read_text())["shards"]}
+    missing = [e.path for e in entries if e.path not in listed]
+    if missing:
+        report.problems.append(f"{index_path} does not list {len(missing)} shard(s), first: {missing[0]}")

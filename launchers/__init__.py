@@ -1,0 +1,1 @@
+"""Cluster launchers for scd-train."""

@@ -1,0 +1,1 @@
+"""Running training jobs on clusters: SLURM through submitit, one task per GPU, no ssh."""

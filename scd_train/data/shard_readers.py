@@ -1,0 +1,235 @@
+"""Random access to the samples of one shard, for both formats, with failures that name shard and member.
+
+A webdataset shard is a plain tar whose members ``<key>.latents.npy``, ``<key>.actions.npy`` and
+``<key>.json`` are grouped by key; it is indexed once (header scan) and then read by offset. An MDS
+shard is read with mosaicml-streaming's own shard reader. Every sample is checked on read: fields
+present, shape, dtype, finite values and the per-sample checksum written at encode time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scd_train.data.manifest import Manifest, ShardEntry, latent_crc
+
+LATENTS, ACTIONS, META = "latents.npy", "actions.npy", "json"
+
+
+class CorruptSampleError(RuntimeError):
+    """A sample could not be read intact; the message names the shard and the member (or sample) at fault.
+
+    A one-argument constructor keeps the type when a DataLoader worker re-raises it in the main process.
+    """
+
+
+def corrupt_sample(shard: str, member: str, reason: str) -> CorruptSampleError:
+    return CorruptSampleError(f"corrupt data in shard {shard}, member {member}: {reason}")
+
+
+@dataclass
+class Sample:
+    key: str
+    latents: np.ndarray  # (frames, C, H, W) raw VAE latents
+    actions: np.ndarray | None  # (frames,) int64
+    meta: dict
+
+
+class ShardReader:
+    """Shared checks; subclasses fetch the fields of sample ``index`` (its position in the shard)."""
+
+    def __init__(self, manifest: Manifest, entry: ShardEntry) -> None:
+        self.manifest, self.entry = manifest, entry
+        self.path = manifest.root / entry.path
+
+    def __len__(self) -> int:
+        return self.entry.samples
+
+    def read(self, index: int) -> Sample:
+        if not 0 <= index < self.entry.samples:
+            raise IndexError(f"sample {index} outside shard {self.path} of {self.entry.samples} samples")
+        sample, member = self._fetch(index)
+        self._check(sample, member)
+        return sample
+
+    def _fetch(self, index: int) -> tuple[Sample, str]:
+        raise NotImplementedError
+
+    def _fail(self, member: str, reason: str) -> CorruptSampleError:
+        return corrupt_sample(str(self.path), member, reason)
+
+    def _check(self, sample: Sample, member: str) -> None:
+        m = self.manifest
+        lat = sample.latents
+        if not isinstance(lat, np.ndarray) or lat.dtype != np.dtype(m.dtype):
+            raise self._fail(member, f"latents dtype {getattr(lat, 'dtype', type(lat))} but the manifest says "
+                                     f"{m.dtype}")
+        if tuple(lat.shape) != m.latent_shape:
+            raise self._fail(member, f"latents shape {tuple(lat.shape)} but the manifest says {m.latent_shape}")
+        expected_crc = sample.meta.get("latents_crc32")
+        if expected_crc is not None and latent_crc(lat) != expected_crc:
+            raise self._fail(member, f"latents checksum {latent_crc(lat)} != {expected_crc} recorded at encode time")
+        if not np.isfinite(lat).all():
+            raise self._fail(member, "latents contain NaN or Inf")
+        if m.has_actions:
+            act = sample.actions
+            if act is None:
+                raise self._fail(member, "actions are missing but the manifest says every sample has them")
+            if act.shape != (m.frames,):
+                raise self._fail(member, f"actions shape {act.shape} != ({m.frames},) latent frames")
+            if act.size and (act.min() < 0 or act.max() >= m.num_action_classes):
+                raise self._fail(member, f"action ids outside [0, {m.num_action_classes})")
+
+
+class TarShardReader(ShardReader):
+    """Reads members by offset after one scan of the tar headers."""
+
+    def __init__(self, manifest: Manifest, entry: ShardEntry) -> None:
+        super().__init__(manifest, entry)
+        self._samples: list[tuple[str, dict[str, tarfile.TarInfo]]] | None = None
+        self._broken: tuple[str, str] | None = None  # (member, reason) where the scan stopped
+        self.last_member: str | None = None  # the last member the scan read completely
+
+    def _scan(self) -> None:
+        samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+        size = os.path.getsize(self.path)
+        member, key, seen = "(start of file)", None, set()
+        try:
+            with tarfile.open(self.path, "r:") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    member, base = info.name, info.name.rsplit("/", 1)[-1]
+                    if "." not in base:
+                        raise ValueError(f"member name {info.name!r} has no '<key>.<field>' form")
+                    key, field = base.split(".", 1)
+                    if info.offset_data + info.size > size:
+                        raise ValueError(f"member ends at byte {info.offset_data + info.size} but the file has "
+                                         f"{size} bytes (truncated)")
+                    if samples and samples[-1][0] == key:
+                        if field in samples[-1][1]:
+                            raise ValueError(f"duplicate member {info.name!r}")
+                        samples[-1][1][field] = info
+                    elif key in seen:
+                        raise ValueError(f"members of sample {key!r} are not contiguous")
+                    else:
+                        samples.append((key, {field: info}))
+                        seen.add(key)
+                    self.last_member = member
+        except (tarfile.TarError, ValueError, OSError) as exc:
+            self._broken = (member, str(exc))
+            if samples and samples[-1][0] == key:  # the sample being read when the fault hit is incomplete
+                samples.pop()
+        self._samples = samples
+
+    def damage_report(self) -> str:
+        """Where the damage starts, for messages: the first bad member, or the last good one."""
+        if self._samples is None:
+            self._scan()
+        if self._broken is not None:
+            return f"first damaged member: {self._broken[0]} ({self._broken[1]})"
+        return (f"readable up to member: {self.last_member} ({len(self._samples)} of {self.entry.samples} "
+                "samples complete)")
+
+    def _fetch(self, index: int) -> tuple[Sample, str]:
+        if self._samples is None:
+            self._scan()
+        if index >= len(self._samples):
+            if self._broken is not None:
+                member, reason = self._broken
+                raise self._fail(f"sample {index} (after {member})", f"shard unreadable from there on: {reason}")
+            raise self._fail(f"sample {index}", f"the tar holds {len(self._samples)} samples but the manifest says "
+                                                f"{self.entry.samples}")
+        key, fields = self._samples[index]
+        member = f"{key}.{LATENTS}"
+        try:
+            with open(self.path, "rb") as f:
+                def member_bytes(field: str) -> bytes:
+                    info = fields[field]
+                    f.seek(info.offset_data)
+                    return f.read(info.size)
+
+                if LATENTS not in fields or META not in fields:
+                    missing = [x for x in (LATENTS, META) if x not in fields]
+                    raise ValueError(f"missing member(s) {', '.join(key + '.' + m for m in missing)}")
+                latents = np.load(io.BytesIO(member_bytes(LATENTS)), allow_pickle=False)
+                member = f"{key}.{META}"
+                meta = json.loads(member_bytes(META))
+                actions = None
+                if ACTIONS in fields:
+                    member = f"{key}.{ACTIONS}"
+                    actions = np.load(io.BytesIO(member_bytes(ACTIONS)), allow_pickle=False)
+        except (ValueError, OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise self._fail(member, f"{type(exc).__name__}: {exc}") from None
+        return Sample(key, latents, actions, meta), f"{key}.{LATENTS}"
+
+
+class MdsShardReader(ShardReader):
+    """mosaicml-streaming's MDS shard reader, addressed by position."""
+
+    def __init__(self, manifest: Manifest, entry: ShardEntry, index_obj: dict) -> None:
+        super().__init__(manifest, entry)
+        from streaming.base.format import reader_from_json
+
+        # index.json basenames are relative to the directory holding index.json
+        self._reader = reader_from_json(str(self.path.parent), None, index_obj)
+
+    def _fetch(self, index: int) -> tuple[Sample, str]:
+        member = f"sample {index}"
+        try:
+            data = self._reader.get_item(index)
+            key = str(data["key"])
+            member = f"sample {index} ({key})"
+            meta = data["meta"]
+            if not isinstance(meta, dict):
+                raise ValueError("the meta column is not a JSON object")
+            sample = Sample(key, data["latents"], data.get("actions"), meta)
+        except Exception as exc:  # the MDS decoder raises many types on damaged bytes
+            raise self._fail(member, f"{type(exc).__name__}: {exc}") from None
+        return sample, member
+
+
+def mds_index_objects(manifest: Manifest) -> dict[str, dict]:
+    """Per-shard reader descriptions from each encode job's index.json, keyed by shard path."""
+    objs: dict[str, dict] = {}
+    for entry in manifest.shards_for("mds"):
+        shard_path = manifest.root / entry.path
+        index_path = shard_path.parent / "index.json"
+        if index_path not in objs:
+            if not index_path.is_file():
+                raise FileNotFoundError(f"MDS index {index_path} for shard {shard_path} is missing")
+            for obj in json.loads(index_path.read_text())["shards"]:
+                objs[str(shard_path.parent / obj["raw_data"]["basename"])] = obj
+    return objs
+
+
+def open_shards(manifest: Manifest, fmt: str) -> list[ShardReader]:
+    entries = manifest.shards_for(fmt)
+    if fmt == "webdataset":
+        return [TarShardReader(manifest, e) for e in entries]
+    objs = mds_index_objects(manifest)
+    readers = []
+    for entry in entries:
+        key = str(manifest.root / entry.path)
+        if key not in objs:
+            raise FileNotFoundError(f"MDS shard {key} is listed in the manifest but not in its index.json")
+        readers.append(MdsShardReader(manifest, entry, objs[key]))
+    return readers
+
+
+def check_shard_files(manifest: Manifest, fmt: str) -> list[tuple[Path, str]]:
+    """Cheap start-up check: every shard exists with the recorded size. Returns (path, problem) pairs."""
+    problems = []
+    for entry in manifest.shards_for(fmt):
+        path = manifest.root / entry.path
+        if not path.is_file():
+            problems.append((path, "missing"))
+        elif (size := path.stat().st_size) != entry.bytes:
+            problems.append((path, f"{size} bytes but the manifest records {entry.bytes} (truncated or rewritten)"))
+    return problems
