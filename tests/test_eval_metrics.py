@@ -169,6 +169,8 @@ def test_lpips_from_a_local_backbone_file(tmp_path):
     assert torch.allclose(metric(a, a.clone()), torch.zeros(3), atol=1e-6)
     dist = metric(a, b)
     assert dist.shape == (3,) and (dist > 0).all()
+    small_a, small_b = _video(frames=2, size=16), _video(frames=2, size=16, seed=2)  # enlarged internally
+    assert (metric(small_a, small_b) > 0).all()
     official = LPIPS(path, official_range=True)(a, b)
     assert not torch.allclose(official, dist)  # [0, 1] inputs without rescaling give other values
     torch.save({"classifier.1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")

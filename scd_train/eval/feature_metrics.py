@@ -3,7 +3,8 @@
 LPIPS uses torchmetrics' implementation with a randomly initialised backbone whose weights are
 then loaded from the file given: torchvision's state dict for the chosen backbone (for 'alex',
 ``alexnet-owt-7be5be79.pth``; a file holding only the ``features.*`` entries also works). The
-linear calibration layers are the LPIPS v0.1 weights that torchmetrics ships.
+linear calibration layers are the LPIPS v0.1 weights that torchmetrics ships. Frames smaller than
+64 pixels are enlarged by pixel repetition first (the backbones need room for their strides).
 
 FVD uses an I3D feature network saved as TorchScript with the StyleGAN-V calling convention
 ``net(videos, rescale=False, resize=True, return_features=True)`` on (B, 3, T, H, W) videos in
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
+LPIPS_MIN_SIDE = 64
 
 
 def require_file(path: str | Path, what: str) -> Path:
@@ -54,10 +56,20 @@ class LPIPS:
     def __call__(self, prediction: Tensor, target: Tensor, chunk: int = 64) -> Tensor:
         out = []
         for start in range(0, prediction.shape[0], chunk):
-            p = prediction[start:start + chunk].to(self.device, torch.float32)
-            t = target[start:start + chunk].to(self.device, torch.float32)
+            p = _enlarge_small(prediction[start:start + chunk].to(self.device, torch.float32))
+            t = _enlarge_small(target[start:start + chunk].to(self.device, torch.float32))
             out.append(self.model(p, t, normalize=not self.official_range).flatten().cpu())
         return torch.cat(out)
+
+
+def _enlarge_small(frames: Tensor) -> Tensor:
+    """Frames under LPIPS_MIN_SIDE pixels repeated by an integer factor: the backbones' strides and
+    pooling leave no feature map for very small frames. Larger frames pass unchanged."""
+    side = min(frames.shape[-2:])
+    if side >= LPIPS_MIN_SIDE:
+        return frames
+    factor = -(-LPIPS_MIN_SIDE // side)
+    return torch.nn.functional.interpolate(frames, scale_factor=factor, mode="nearest")
 
 
 def _load_backbone(net: torch.nn.Module, state: dict[str, Tensor], path: Path) -> None:
