@@ -165,6 +165,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     # Resume from the latest complete checkpoint in run_dir when one exists.
     resume: bool = True
+    # safetensors weights (e.g. from scd-convert) loaded into the model before training starts;
+    # ignored once run_dir holds a checkpoint to resume from.
+    init_from: str | None = None
     checkpoint_every: int = 500
     # Complete checkpoints kept; the newest complete one is never deleted.
     keep_checkpoints: int = 2

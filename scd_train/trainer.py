@@ -30,6 +30,7 @@ from scd_train.parallel.backend import build_backend
 from scd_train.parallel.reshard import reshard_loader_state
 from scd_train.parallel.runtime import Runtime, init_runtime
 from scd_train.precision import prepare_fp8
+from scd_train.weights import load_initial_weights
 
 log = logging.getLogger("scd_train")
 
@@ -80,6 +81,8 @@ class Trainer:
         self._prepare_run_dir()
         seed_everything(cfg.train.seed, 0)  # the same initial weights on every rank and world size
         model = build_model(cfg.model)
+        if cfg.train.init_from:
+            load_initial_weights(model, cfg.train.init_from)  # plain weights, before any FP8 module swap
         self.fp8 = prepare_fp8(model, cfg, self.runtime)  # before the backend wraps or shards it
         self.backend = build_backend(model, build_param_groups(model, cfg.optim), cfg, self.runtime)
         seed_everything(cfg.train.seed, self.runtime.rank)

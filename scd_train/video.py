@@ -41,7 +41,8 @@ def mark_generated(frames: np.ndarray, first_generated: int, colour=(255, 64, 64
     return out
 
 
-def write_mp4(frames: np.ndarray, path: Path | str, fps: int = 8) -> Path:
+def write_mp4(frames: np.ndarray, path: Path | str, fps: int = 8, crf: int = 18, preset: str = "veryfast") -> Path:
+    """H.264 (yuv420p) mp4 of (T, H, W, 3) uint8 frames; odd sides are padded by one pixel."""
     import av
 
     path = Path(path)
@@ -54,7 +55,7 @@ def write_mp4(frames: np.ndarray, path: Path | str, fps: int = 8) -> Path:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast"}
+        stream.options = {"crf": str(crf), "preset": preset}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -62,6 +63,14 @@ def write_mp4(frames: np.ndarray, path: Path | str, fps: int = 8) -> Path:
             container.mux(packet)
     tmp.replace(path)
     return path
+
+
+def read_mp4(path: Path | str) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames of the first video stream."""
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 def write_gif(frames: np.ndarray, path: Path | str, fps: int = 8) -> Path:

@@ -81,6 +81,19 @@ def load_model(source: str | Path, checkpoint: str | None = None, use_ema: bool 
     return model.to(device).eval(), cfg
 
 
+def load_initial_weights(model: nn.Module, path: str | Path) -> None:
+    """Fill every parameter of ``model`` from a safetensors file (``train.init_from``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.init_from={str(path)!r} does not exist")
+    weights = load_file(str(path))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if m in dict(model.named_parameters())]
+    if missing or unexpected:
+        raise KeyError(f"train.init_from={str(path)!r} does not match the model: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+
+
 def _config_from_safetensors(path: Path) -> Config:
     from safetensors import safe_open
 

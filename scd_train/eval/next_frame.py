@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from scd_train.eval.metrics import PSNR_CAP_DB, psnr_from_mse
 from scd_train.sample import SampleRequest, rollout_clips
+
+__all__ = ["PSNR_CAP_DB", "NextFrameScore", "next_frame_score", "psnr_per_clip"]
 
 
 @dataclass
@@ -16,15 +19,13 @@ class NextFrameScore:
     clips: int
 
 
-# An exact prediction has infinite PSNR; capping it keeps a mean over clips finite and comparable.
-PSNR_CAP_DB = 60.0
-
-
 def psnr_per_clip(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB (data range 1, capped at PSNR_CAP_DB) of each clip of frames shaped (N, ..., H, W)."""
-    mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-    floor = 10.0 ** (-PSNR_CAP_DB / 10.0)
-    return -10.0 * torch.log10(mse.clamp_min(floor))
+    """PSNR (data range 1) of each clip's frames (..., 3, H, W), from the clip's mean squared error.
+
+    An exact prediction gets the capped value ``PSNR_CAP_DB``, not inf.
+    """
+    mse = (prediction.double() - target.double()).pow(2).flatten(1).mean(dim=1)
+    return psnr_from_mse(mse).float()
 
 
 @torch.no_grad()
