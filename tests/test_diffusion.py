@@ -97,7 +97,7 @@ def test_dense_objective_masks_clean_frames():
     out = build_objective(cfg.model, cfg.diffusion)(model, latents, None)
     # frame 0 is always clean and never a target; the other 3 are all noised with ratio 0
     assert float(out.noised_fraction) == 1.0
-    assert abs(float(out.loss) - 1.0) < 0.05
+    assert abs(out.loss.item() - 1.0) < 0.05
     everything_clean = build_objective(cfg.model, dataclasses.replace(cfg.diffusion, clean_context_ratio=1.0))
     out = everything_clean(model, latents, None)
     assert float(out.noised_fraction) == 0.0 and float(out.loss) == 0.0
