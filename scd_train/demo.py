@@ -68,7 +68,7 @@ def measure_speed_ratio(cfg: Config, context: int) -> dict:
     scd_cfg, dense_cfg = paired_configs(cfg)
     torch.manual_seed(0)
     scd, dense = build_model(scd_cfg.model).eval(), build_model(dense_cfg.model).eval()
-    settings = SpeedSettings(context=context, unroll=4, steps=cfg.diffusion.sample_steps)
+    settings = SpeedSettings(context=context, unroll=8, steps=cfg.diffusion.sample_steps)
     return compare_speed(scd, dense, scd_cfg, dense_cfg, settings)
 
 
