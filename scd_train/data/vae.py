@@ -7,6 +7,7 @@ One loading path serves the small KL autoencoder ``scd-data train-vae`` makes an
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,10 @@ def load_vae(folder: str | Path, device: str | torch.device = "cpu", dtype: torc
     import diffusers
 
     cls = getattr(diffusers, config["_class_name"])
-    model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+    # diffusers' lazy (low-memory) loading needs accelerate; without it, load eagerly instead of
+    # printing a warning on every call.
+    lazy = importlib.util.find_spec("accelerate") is not None
+    model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=lazy)
     return model.to(device).eval().requires_grad_(False)
 
 
