@@ -26,7 +26,7 @@ class VerifyReport:
 
 
 def verify(root: Path, formats: list[str] | None = None, progress: bool = True) -> VerifyReport:
-    manifest = load_manifest(root)
+    manifest = load_manifest(root, "the shard directory")
     report = VerifyReport()
     for fmt in formats or sorted(manifest.shards):
         _verify_format(manifest, fmt, report, progress)

@@ -98,7 +98,7 @@ def holdout_frames(cfg: Config) -> int:
         return cfg.data.synthetic.frames_per_video
     from scd_train.data.manifest import load_manifest
 
-    return load_manifest(cfg.data.holdout_path).frames
+    return load_manifest(cfg.data.holdout_path, "data.holdout_path").frames
 
 
 def prepare_shard_data(data_dir: Path) -> list[str]:

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="default: <run_dir>/samples")
     args = parser.parse_args(argv)
+    from scd_train.data.manifest import ManifestError
     from scd_train.weights import load_model
 
     try:
@@ -93,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     request = SampleRequest(args.clips, args.context, args.unroll, args.steps, args.cfg_scale, args.cfg_mode,
                             args.seed)
-    batch, rollout, codec = rollout_clips(model, cfg, request, args.device)
+    try:
+        batch, rollout, codec = rollout_clips(model, cfg, request, args.device)
+    except ManifestError as exc:  # the run's held-out shards moved or never existed
+        print(f"scd-sample: {exc}", file=sys.stderr)
+        return 2
     out = args.out or (args.source if args.source.is_dir() else args.source.parent) / "samples"
     paths = write_samples(batch.latents, rollout, codec, args.context, out, batch.keys)
     print(f"{len(batch.keys)} clips, {args.unroll} frames each: first frame {rollout.first_frame_seconds:.3f}s, "

@@ -38,11 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"scd-train: {exc}", file=sys.stderr)
         return 2
+    from scd_train.data.manifest import ManifestError
     from scd_train.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)
-    except ConfigError as exc:  # settings that only fail against the model or hardware (e.g. FP8)
+    # settings that only fail against the model, the data or the hardware (e.g. FP8, a shard manifest)
+    except (ConfigError, ManifestError) as exc:
         print(f"scd-train: {exc}", file=sys.stderr)
         return 2
     # On an error there is no closing barrier: other ranks may be blocked in a collective, and

@@ -26,6 +26,14 @@ def test_bad_override_exits_with_a_message_naming_the_key(capsys):
     assert "decoder_lr_ratio" in capsys.readouterr().err
 
 
+def test_missing_shard_directory_exits_with_a_message_naming_the_setting(tmp_path, capsys):
+    missing = tmp_path / "no-shards"
+    args = ["--config", "configs/tiny_shards.yaml", f"data.path={missing}", f"train.run_dir={tmp_path / 'run'}"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "data.path=" in err and str(missing) in err and "scd-data encode" in err
+
+
 def test_sample_writes_playable_videos(run_dir, tmp_path):
     out = tmp_path / "samples"
     assert sample.main([str(run_dir), "--clips", "2", "--context", "3", "--unroll", "4", "--steps", "2",

@@ -118,11 +118,13 @@ def _get(obj: dict, key: str, kind: type | tuple, where: str):
     return value
 
 
-def load_manifest(root: str | Path) -> Manifest:
+def load_manifest(root: str | Path, source: str = "data.path") -> Manifest:
+    """Read and check ``root/manifest.json``; ``source`` names the setting ``root`` came from, for errors."""
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        raise ManifestError(f"{path} does not exist: data.path must be a directory written by `scd-data encode`")
+        raise ManifestError(f"{path} does not exist: {source}={str(root)!r} must be a directory "
+                            "written by `scd-data encode`")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -67,7 +67,7 @@ def shard_holdout_clips(cfg: Config, frames: int) -> tuple[ClipSet, VaeCodec]:
     if cfg.data.holdout_path is None:
         raise ManifestError(f"data.source={cfg.data.source!r}: sampling and evaluation read held-out clips from "
                             "data.holdout_path, which is not set (encode held-out videos into their own directory)")
-    manifest = load_manifest(cfg.data.holdout_path)
+    manifest = load_manifest(cfg.data.holdout_path, "data.holdout_path")
     check_manifest(manifest, cfg, frames, role="data.holdout_path")
     train = load_manifest(cfg.data.path) if cfg.data.path else None
     if train is not None and train.vae.get("config_sha256") != manifest.vae.get("config_sha256"):
