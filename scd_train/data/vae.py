@@ -7,7 +7,6 @@ One loading path serves the small KL autoencoder ``scd-data train-vae`` makes an
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,12 +78,13 @@ def load_vae(folder: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise ValueError("float16 VAEs produce non-finite latents; use float32 (or bfloat16 on GPUs)")
     config = read_vae_config(folder)
     import diffusers
+    from diffusers.utils import is_accelerate_available
 
     cls = getattr(diffusers, config["_class_name"])
     # diffusers' lazy (low-memory) loading needs accelerate; without it, load eagerly instead of
     # printing a warning on every call.
-    lazy = importlib.util.find_spec("accelerate") is not None
-    model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=lazy)
+    model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype,
+                                low_cpu_mem_usage=is_accelerate_available())
     return model.to(device).eval().requires_grad_(False)
 
 
