@@ -58,6 +58,13 @@ class ModelConfig:
     fusion: Literal["token_concat", "add", "channel_concat"] = "token_concat"
     # "auto": FlexAttention block masks on CUDA, SDPA with a boolean mask elsewhere.
     attention: Literal["auto", "sdpa", "flex"] = "auto"
+    # Frames of history every encoder token attends to: its own frame and the previous
+    # encoder_window - 1 (the training mask and a fixed-size ring-buffer KV cache at inference
+    # alike); null = the full history. With a window, streams run past max_frames at constant
+    # memory and per-frame cost (docs/streaming.md). Applies to the dense baseline too.
+    encoder_window: int | None = None
+    # The first frames of a clip or stream, kept in view beside the window for ever (0 = none).
+    encoder_sink_frames: int = 0
 
 
 @dataclass
@@ -79,6 +86,10 @@ class DiffusionConfig:
     cfg_scale: float = 1.0
     # "decoder": unconditional branch = encoder context with fresh noise; "action": null actions.
     cfg_mode: Literal["decoder", "action"] = "decoder"
+    # The sampler's per-frame decoder loop: "auto" compiles it on CUDA (torch.compile, plus a
+    # CUDA graph of a whole frame's steps where that is faster) and runs it eagerly elsewhere;
+    # "on" compiles on any device (a CPU pays a minute of compilation up front); "off" is eager.
+    sample_compile: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -366,6 +377,7 @@ def validate(cfg: Config) -> None:
         _require(cfg.data.path is not None, f"data.source={cfg.data.source!r} needs data.path (the shard directory)")
     if cfg.data.source == "synthetic":
         _validate_synthetic(cfg)
+    _validate_window(m)
     _validate_fp8(cfg)
 
 
@@ -377,6 +389,28 @@ def _validate_synthetic(cfg: Config) -> None:
     _require(syn.frames_per_video >= cfg.data.clip_frames,
              f"data.synthetic.frames_per_video={syn.frames_per_video} is shorter than "
              f"data.clip_frames={cfg.data.clip_frames}")
+
+
+def _validate_window(m: ModelConfig) -> None:
+    w, s = m.encoder_window, m.encoder_sink_frames
+    _require(s >= 0, f"model.encoder_sink_frames={s} must be >= 0")
+    if w is None:
+        _require(s == 0, f"model.encoder_sink_frames={s} needs model.encoder_window (sink frames are kept "
+                         "beside a window; without one the encoder already sees the whole history)")
+        return
+    _require(w >= 1, f"model.encoder_window={w} must be >= 1 frame or null (the full history)")
+    _require(w <= m.max_frames, f"model.encoder_window={w} is larger than model.max_frames={m.max_frames}; "
+                                "use a window of at most max_frames frames, or null for the full history")
+    _require(s <= w, f"model.encoder_sink_frames={s} is larger than model.encoder_window={w}; "
+                     "sinks are a few leading frames kept beside the window")
+    _require(w + s <= m.max_frames,
+             f"model.encoder_window={w} + model.encoder_sink_frames={s} = {w + s} exceeds model.max_frames="
+             f"{m.max_frames}: the frame positions a windowed stream uses (0..{w + s - 1}) must lie inside "
+             "the positional range")
+    from scd_train.models.attention import window_backend_problem
+
+    problem = window_backend_problem(m.attention, w, s)
+    _require(problem is None, problem or "")
 
 
 _FP8_RECIPES = {"te": ("delayed", "current", "mxfp8"), "torchao": ("current", "rowwise")}
