@@ -99,6 +99,7 @@ class Trainer:
         self.stop_requested = False
         self.wandb = None
         self.metrics_file = None
+        _log_window(cfg)
 
     # -- set-up --------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -124,6 +125,7 @@ class Trainer:
             restore_rng(rank_state["rng"])
         self.resumed_from = path
         log.info("resumed from %s at step %d", path, self.state.step)
+        _log_window_change(trainer_state, self.cfg, path)
 
     def _open_loggers(self) -> None:
         if not self.runtime.is_main:
@@ -258,7 +260,8 @@ class Trainer:
             raise NonFiniteError(f"refusing to checkpoint non-finite parameters at step {self.state.step}")
         rank_state = {"rng": capture_rng(), "data": self.loader.state_dict()}
         trainer_state = {**asdict(self.state), "world_size": self.runtime.world_size,
-                         "backend": self.cfg.train.backend, "time": time.time()}
+                         "backend": self.cfg.train.backend, "time": time.time(),
+                         "attention_window": _attention_window(self.cfg)}
         path = self.checkpoints.save(self.state.step, self.backend, self.ema, trainer_state, rank_state)
         log.info("saved checkpoint %s", path)
         return path
@@ -271,6 +274,35 @@ class Trainer:
             self.metrics_file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _attention_window(cfg: Config) -> dict:
+    return {"encoder_window": cfg.model.encoder_window, "encoder_sink_frames": cfg.model.encoder_sink_frames}
+
+
+def _log_window_change(trainer_state: dict, cfg: Config, path: Path) -> None:
+    """A checkpoint may continue under another window (e.g. a full-history model fine-tuned to a
+    window): allowed, and said in the log. Checkpoints from before windows existed had none."""
+    before = trainer_state.get("attention_window", {"encoder_window": None, "encoder_sink_frames": 0})
+    now = _attention_window(cfg)
+    if before != now:
+        log.warning("checkpoint %s was trained with model.encoder_window=%s, model.encoder_sink_frames=%s; "
+                    "training continues with model.encoder_window=%s, model.encoder_sink_frames=%s, so the "
+                    "encoder's attention pattern changes from step %d on", path, before["encoder_window"],
+                    before["encoder_sink_frames"], now["encoder_window"], now["encoder_sink_frames"],
+                    trainer_state.get("step", 0))
+
+
+def _log_window(cfg: Config) -> None:
+    w, s, frames = cfg.model.encoder_window, cfg.model.encoder_sink_frames, cfg.data.clip_frames
+    if w is None:
+        return
+    log.info("windowed encoder: each frame attends to its own frame, the %d before it and %d sink frame(s)",
+             w - 1, s)
+    if w + s > frames:
+        log.warning("model.encoder_window=%d + model.encoder_sink_frames=%d exceeds data.clip_frames=%d: training "
+                    "clips never fill the window, so streams past %d frames meet frame distances training never "
+                    "showed; use clips of at least %d frames", w, s, frames, frames, w + s)
 
 
 def _peak_memory_gb(device: torch.device) -> float:

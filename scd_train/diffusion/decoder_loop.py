@@ -59,11 +59,11 @@ class EulerStep(nn.Module):
                 cfg_scale: float | None = None) -> Tensor:
         conditioning = StepConditioning(cond_act, blocks, output)
         if cfg_scale is None:
-            v = self.decoder(x, None, context, conditioning=conditioning).float()
+            v = self.decoder(x, None, context, conditioning=conditioning)
         else:
             v_cond, v_uncond = self.decoder(torch.cat([x, x]), None, context, conditioning=conditioning).chunk(2)
             v = guided_velocity(v_cond.float(), v_uncond.float(), cfg_scale)
-        return x + dt * v
+        return x + dt * (v if v.dtype == torch.float32 else v.float())
 
 
 def run_steps(step, x: Tensor, dts: Tensor, context: Tensor, steps: list[StepConditioning],
@@ -111,11 +111,16 @@ class DecoderLoop:
         self._compiled = None
         self._captures: dict[tuple, _Capture] = {}
 
-    def step_fn(self):
+    def step_fn(self, x: Tensor, dts: Tensor, context: Tensor, conditioning: StepsConditioning,
+                cfg_scale: float | None):
         """The per-step callable of the current mode (the compiled graph once compiled)."""
         if self.mode == "eager":
             return EulerStep(self.decoder)
         if self._compiled is None:
+            # One eager step first: whatever the decoder memoises on first use (its RoPE tables)
+            # then exists, so the traced graph sees the steady state and never recompiles for it.
+            first = conditioning.steps()[0]
+            EulerStep(self.decoder)(x, dts[0], context, first.cond_act, first.blocks, first.output, cfg_scale)
             self._compiled = torch.compile(EulerStep(self.decoder), dynamic=False)
         return self._compiled
 
@@ -125,7 +130,8 @@ class DecoderLoop:
             capture = self._capture_for(x, dts, context, conditioning, cfg_scale)
             if capture.pays:
                 return capture.replay(x, dts, context, conditioning)
-        return run_steps(self.step_fn(), x, dts, context, conditioning.steps(), cfg_scale)
+        step = self.step_fn(x, dts, context, conditioning, cfg_scale)
+        return run_steps(step, x, dts, context, conditioning.steps(), cfg_scale)
 
     def warm_up(self, x: Tensor, dts: Tensor, context: Tensor, conditioning: StepsConditioning,
                 cfg_scale: float | None) -> None:
@@ -135,7 +141,8 @@ class DecoderLoop:
         if self.mode == "graph":
             self._capture_for(x, dts, context, conditioning, cfg_scale)
         else:
-            run_steps(self.step_fn(), x, dts, context, conditioning.steps(), cfg_scale)
+            step = self.step_fn(x, dts, context, conditioning, cfg_scale)
+            run_steps(step, x, dts, context, conditioning.steps(), cfg_scale)
 
     def _capture_for(self, x: Tensor, dts: Tensor, context: Tensor, conditioning: StepsConditioning,
                      cfg_scale: float | None) -> _Capture:
@@ -147,7 +154,7 @@ class DecoderLoop:
 
     def _capture(self, x: Tensor, dts: Tensor, context: Tensor, conditioning: StepsConditioning,
                  cfg_scale: float | None) -> _Capture:
-        step = self.step_fn()
+        step = self.step_fn(x, dts, context, conditioning, cfg_scale)
         static = StepsConditioning(conditioning.cond_act.clone(),
                                    [tuple(t.clone() for t in terms) for terms in conditioning.blocks],
                                    tuple(t.clone() for t in conditioning.output))

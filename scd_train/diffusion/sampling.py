@@ -120,7 +120,8 @@ class SCDStream:
         cache_batch = 2 * batch if self.action_guided else batch
         limit = max_stream_frames(model)
         if limit is not None:
-            capacity_frames = limit if capacity_frames is None else capacity_frames
+            # by default the stream holds max_frames frames in all; the last one is never encoded
+            capacity_frames = limit - 1 if capacity_frames is None else capacity_frames
             if capacity_frames > limit:
                 raise StreamLengthError(f"a stream encoding {capacity_frames} frames exceeds model.max_frames={limit}"
                                         "; this model has no model.encoder_window to stream past it")

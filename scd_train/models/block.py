@@ -48,9 +48,16 @@ class StepsConditioning:
     output: tuple[Tensor, Tensor]
 
     @classmethod
-    def of(cls, cond_act: Tensor, blocks, output_norm) -> StepsConditioning:
-        """From the conditioning ``cond_act`` (T, B, F, D) of T steps."""
-        return cls(cond_act, [block.modulation_terms(cond_act) for block in blocks], output_norm.terms(cond_act))
+    def of(cls, cond_act: Tensor, blocks, output_norm, one_frame: bool = False) -> StepsConditioning:
+        """From the conditioning ``cond_act`` (T, B, F, D) of T steps. ``one_frame``: the stack
+        runs on one frame per sample (F = 1), so the terms drop their frame axis, (T, B, 1, D), and
+        broadcast over the tokens without reshapes."""
+        blocks_terms = [block.modulation_terms(cond_act) for block in blocks]
+        output = output_norm.terms(cond_act)
+        if one_frame:
+            blocks_terms = [tuple(t.squeeze(-3) for t in terms) for terms in blocks_terms]
+            output = tuple(t.squeeze(-3) for t in output)
+        return cls(cond_act, blocks_terms, output)
 
     def tensors(self) -> list[Tensor]:
         return [self.cond_act, *(t for terms in self.blocks for t in terms), *self.output]
@@ -112,8 +119,9 @@ class DiTBlock(nn.Module):
 
     def project_qkv(self, x: Tensor, ctx: BlockContext) -> tuple[Tensor, Tensor, Tensor]:
         """(B, H, L, Dh) queries and keys (normalized, rotated) and values."""
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
+        batch, tokens = x.shape[:2]
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         q = apply_rotary(self.q_norm(q), ctx.rope)
         k = apply_rotary(self.k_norm(k), ctx.rope)
         return q, k, v

@@ -75,7 +75,8 @@ class FrameDecoder(nn.Module):
         ``actions`` (B',) shared by the steps; pass ``.steps()[i]`` to ``forward`` at step i."""
         if actions is not None:
             actions = actions.expand(timesteps.shape)
-        return StepsConditioning.of(self.conditioning(timesteps, actions), self.blocks, self.output_norm)
+        return StepsConditioning.of(self.conditioning(timesteps, actions), self.blocks, self.output_norm,
+                                    one_frame=True)
 
     def forward(self, noisy: Tensor, timesteps: Tensor, context: Tensor, actions: Tensor | None = None,
                 conditioning: StepConditioning | None = None) -> Tensor:
@@ -90,7 +91,7 @@ class FrameDecoder(nn.Module):
         else:
             cond_act, modulation, output_terms = conditioning.cond_act, conditioning.blocks, conditioning.output
         x_noisy = self.patch_embed(noisy[:, None])
-        x, group = self._fuse(context.to(x_noisy.dtype), x_noisy)
+        x, group = self._fuse(context if context.dtype == x_noisy.dtype else context.to(x_noisy.dtype), x_noisy)
         rope = self.rotary.repeated(0, group, noisy.device)
         ctx = BlockContext(cond_act, group * n, rope, mask=None, modulation=modulation)
         for index, block in enumerate(self.blocks):

@@ -70,12 +70,16 @@ def gate(x: Tensor, gate_values: Tensor, tokens_per_frame: int) -> Tensor:
 def modulate_terms(x: Tensor, shift: Tensor, scale_plus_one: Tensor, tokens_per_frame: int) -> Tensor:
     """``modulate`` with its terms prepared ahead, each (B, F, 1, D): the same arithmetic, so a
     caller that prepares them once (e.g. for every step of a frame) gets bitwise the same result."""
+    if shift.dim() == x.dim():  # (B, 1, D) terms of a one-frame input broadcast over its tokens directly
+        return x * scale_plus_one + shift
     frames = x.unflatten(1, (-1, tokens_per_frame))
     return (frames * scale_plus_one + shift).flatten(1, 2)
 
 
 def gate_terms(x: Tensor, gate_values: Tensor, tokens_per_frame: int) -> Tensor:
-    """``gate`` with (B, F, 1, D) gate values."""
+    """``gate`` with (B, F, 1, D) gate values (or (B, 1, D) for a one-frame input)."""
+    if gate_values.dim() == x.dim():
+        return x * gate_values
     return (x.unflatten(1, (-1, tokens_per_frame)) * gate_values).flatten(1, 2)
 
 
@@ -98,7 +102,8 @@ class PatchEmbed(nn.Module):
     def forward(self, latents: Tensor) -> Tensor:
         p = self.patch
         tokens = rearrange(latents, "b f c (h p1) (w p2) -> b (f h w) (c p1 p2)", p1=p, p2=p)
-        return self.proj(tokens.to(self.proj.weight.dtype))
+        dtype = self.proj.weight.dtype
+        return self.proj(tokens if tokens.dtype == dtype else tokens.to(dtype))
 
 
 def unpatchify(tokens: Tensor, frames: int, channels: int, height: int, width: int, patch: int) -> Tensor:

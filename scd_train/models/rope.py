@@ -110,4 +110,6 @@ def _interleaved(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
 
 def apply_rotary(x: Tensor, table: tuple[Tensor, Tensor]) -> Tensor:
     """``apply_rope`` with a ``RotaryTables`` table (cos and signed sin already interleaved)."""
+    if x.dtype == torch.float32:  # skip two no-op casts: small models are bound by op count
+        return _rotate(x, *table)
     return _rotate(x.float(), *table).to(x.dtype)
