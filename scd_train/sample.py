@@ -1,8 +1,13 @@
 """``scd-sample``: stream continuations of held-out clips and write them as mp4 and gif.
 
     scd-sample runs/tiny --clips 4 --context 4 --unroll 12 --steps 20 --out runs/tiny/samples
+    scd-sample runs/windowed --clips 1 --unroll 2000 --compile on     # past max_frames: needs a window
 
 Each output shows ground truth | generated side by side; generated frames have a red border.
+A model trained with ``model.encoder_window`` streams for ever at constant memory: ``--unroll``
+may exceed both ``model.max_frames`` and the held-out clips, whose ground truth then ends (black
+frames) and whose recorded actions are continued by uniformly random ones drawn from ``--seed``.
+A full-history model refuses a rollout longer than ``model.max_frames``, naming both numbers.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from scd_train.config import ConfigError
-from scd_train.data.holdout import holdout_clips
-from scd_train.diffusion.sampling import Rollout, SamplerSettings, generate
+from scd_train.data.holdout import holdout_clip_frames, holdout_clips
+from scd_train.diffusion.sampling import Rollout, SamplerSettings, check_rollout_length, generate
+from scd_train.errors import InputError
 from scd_train.video import mark_generated, side_by_side, to_hwc_uint8, upscale, write_gif, write_mp4
 
 
@@ -30,26 +37,45 @@ class SampleRequest:
     cfg_scale: float | None = None
     cfg_mode: str | None = None
     seed: int = 0
+    # decoder loop: auto / on / off; None uses diffusion.sample_compile
+    compile: str | None = None
 
 
 def rollout_clips(model, cfg, request: SampleRequest, device: torch.device | str = "cpu"):
     """Generate continuations of the first ``request.clips`` held-out clips.
 
-    Returns (ground-truth latents, rollout, codec).
+    Returns (ground-truth latents, rollout, codec); the ground truth covers at most the held-out
+    clips' length, which a windowed model's rollout may run past.
     """
-    clips, codec = holdout_clips(cfg, request.context + request.unroll)
+    check_rollout_length(model, request.context, request.unroll)
+    available = holdout_clip_frames(cfg)
+    if request.context > available:
+        raise InputError(f"--context {request.context} needs held-out clips of at least {request.context} frames; "
+                         f"the held-out data has clips of {available}")
+    clips, codec = holdout_clips(cfg, min(request.context + request.unroll, available))
     count = min(request.clips, len(clips))
     batch = clips.collate(list(range(count)))
     settings = SamplerSettings(
         steps=request.steps or cfg.diffusion.sample_steps,
         cfg_scale=cfg.diffusion.cfg_scale if request.cfg_scale is None else request.cfg_scale,
         cfg_mode=request.cfg_mode or cfg.diffusion.cfg_mode,
-        num_train_timesteps=cfg.diffusion.num_train_timesteps)
+        num_train_timesteps=cfg.diffusion.num_train_timesteps,
+        compile=request.compile or cfg.diffusion.sample_compile)
     generator = torch.Generator(device=device).manual_seed(request.seed)
-    actions = None if batch.actions is None else batch.actions.to(device)
+    actions = None if batch.actions is None else continued_actions(batch.actions, request.context + request.unroll,
+                                                                   cfg.model.num_actions, request.seed).to(device)
     rollout = generate(model, batch.latents[:, : request.context].to(device), actions, request.unroll, settings,
                        generator)
     return batch, rollout, codec
+
+
+def continued_actions(actions: torch.Tensor, frames: int, num_actions: int, seed: int) -> torch.Tensor:
+    """(B, frames) actions: the recorded ones, then uniformly random ones from ``seed``."""
+    missing = frames - actions.shape[1]
+    if missing <= 0:
+        return actions[:, :frames]
+    extra = torch.randint(0, num_actions, (actions.shape[0], missing), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([actions, extra.to(actions.dtype)], dim=1)
 
 
 def write_samples(truth_latents: torch.Tensor, rollout: Rollout, codec, context: int, out_dir: Path,
@@ -61,6 +87,8 @@ def write_samples(truth_latents: torch.Tensor, rollout: Rollout, codec, context:
     scale = scale or max(1, 128 // truth.shape[-1])  # small frames are enlarged to be watchable
     for i, key in enumerate(keys):
         gt = upscale(to_hwc_uint8(truth[i]), scale)
+        if gt.shape[0] < generated.shape[1]:  # the rollout ran past the ground truth: black frames
+            gt = np.concatenate([gt, np.zeros((generated.shape[1] - gt.shape[0], *gt.shape[1:]), gt.dtype)])
         gen = mark_generated(upscale(to_hwc_uint8(generated[i]), scale), context)
         panel = side_by_side([gt, gen])
         stem = out_dir / f"sample_{i:03d}"
@@ -81,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-scale", type=float)
     parser.add_argument("--cfg-mode", choices=["decoder", "action"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", choices=["auto", "on", "off"],
+                        help="compile the decoder loop (default: the run's diffusion.sample_compile; "
+                             "auto = on CUDA only); off runs it eagerly")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="default: <run_dir>/samples")
     args = parser.parse_args(argv)
@@ -93,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scd-sample: {exc}", file=sys.stderr)
         return 2
     request = SampleRequest(args.clips, args.context, args.unroll, args.steps, args.cfg_scale, args.cfg_mode,
-                            args.seed)
+                            args.seed, args.compile)
     try:
         batch, rollout, codec = rollout_clips(model, cfg, request, args.device)
-    except ManifestError as exc:  # the run's held-out shards moved or never existed
+    except (ManifestError, InputError) as exc:  # held-out shards missing; a rollout the model cannot run
         print(f"scd-sample: {exc}", file=sys.stderr)
         return 2
     out = args.out or (args.source if args.source.is_dir() else args.source.parent) / "samples"

@@ -21,3 +21,15 @@ def holdout_clips(cfg: Config, frames: int) -> tuple[ClipSet, LatentCodec]:
     from scd_train.data.shards import shard_holdout_clips
 
     return shard_holdout_clips(cfg, frames)
+
+
+def holdout_clip_frames(cfg: Config) -> int:
+    """The longest held-out clips the data provides, in frames (ground truth for a rollout)."""
+    if cfg.data.source == "synthetic":
+        return cfg.data.synthetic.frames_per_video
+    from scd_train.data.manifest import ManifestError, load_manifest
+
+    if cfg.data.holdout_path is None:
+        raise ManifestError(f"data.source={cfg.data.source!r}: held-out clips come from data.holdout_path, "
+                            "which is not set")
+    return load_manifest(cfg.data.holdout_path, "data.holdout_path").frames

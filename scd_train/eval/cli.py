@@ -21,7 +21,7 @@ from scd_train.config import ConfigError, to_dict
 from scd_train.eval.protocol import PRESETS, EvalProtocol, build_protocol
 
 PROTOCOL_FLAGS = ("context", "unroll", "trajectories", "clips", "batch_clips", "steps", "cfg_scale", "seed",
-                  "compat", "mp4_crf")
+                  "compat", "mp4_crf", "horizons", "compile")
 
 
 class EvalInputError(ValueError):
@@ -37,7 +37,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="tiny; minecraft (the paper's settings); minecraft-official (plus the reference quirks)")
     defaults = EvalProtocol()
+    p.add_argument("--horizons", type=_int_list, default=None,
+                   help="generated-frame indices, e.g. 1,4,8,16: PSNR and SSIM at each (eval.json by_horizon)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default=None,
+                   help="the decoder loop (default: each model's diffusion.sample_compile; auto = on CUDA only)")
     for name in PROTOCOL_FLAGS:
+        if name in ("horizons", "compile"):
+            continue
         kind = type(getattr(defaults, name)) if getattr(defaults, name) is not None else (
             float if name == "cfg_scale" else int)
         extra = {"choices": ["none", "official"]} if name == "compat" else {}
@@ -52,6 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     p.add_argument("--wandb-project", default="scd-train")
     return p.parse_args(argv)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,4,8") from None
 
 
 def load_feature_networks(args: argparse.Namespace, protocol: EvalProtocol):
@@ -75,9 +88,10 @@ def load_candidates(args: argparse.Namespace, protocol: EvalProtocol):
         if source is None:
             continue
         model, cfg = load_model(source, use_ema=not args.raw, device=args.device)
-        if protocol.frames > cfg.model.max_frames:
+        if protocol.frames > cfg.model.max_frames and cfg.model.encoder_window is None:
             raise EvalInputError(f"{source}: context + unroll = {protocol.frames} frames exceed its "
-                                 f"model.max_frames={cfg.model.max_frames}")
+                                 f"model.max_frames={cfg.model.max_frames} (it has no model.encoder_window "
+                                 "to stream past it)")
         candidates.append(Candidate(name, model, cfg, str(source)))
     shapes = {(c.cfg.model.latent_channels, c.cfg.model.latent_height, c.cfg.model.latent_width) for c in candidates}
     if len(shapes) > 1:
