@@ -283,6 +283,9 @@ class CausalDiTStream:
         self.counts = CallCounts()
         self.last_timing = FrameTiming()
 
+    def warm_up(self) -> None:
+        """Nothing to prepare: the dense baseline's steps run eagerly (the same API as SCDStream)."""
+
     @torch.no_grad()
     def prefill(self, frames: Tensor, actions: Tensor | None = None) -> None:
         self._commit_pending()
@@ -384,8 +387,7 @@ def generate(model, context: Tensor, actions: Tensor | None, unroll: int, settin
         raise ValueError(f"actions cover {actions.shape[1]} frames; context + unroll needs {num_context + unroll}")
     check_rollout_length(model, num_context, unroll)
     stream = new_stream(model, settings, batch, num_context + unroll - 1, generator)
-    if hasattr(stream, "warm_up"):
-        stream.warm_up()  # compilation, if any, stays out of the timed frames
+    stream.warm_up()  # compilation, if any, stays out of the timed frames
     stream.prefill(context, None if actions is None else actions[:, :num_context])
     frames, seconds = [], []
     for i in range(unroll):
