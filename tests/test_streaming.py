@@ -250,3 +250,25 @@ def test_backend_without_flex_cannot_express_a_window(monkeypatch):
     with pytest.raises(ConfigError, match=r"model.attention='flex' cannot express model.encoder_window=4"):
         load_config("configs/tiny.yaml", ["model.attention=flex", "model.encoder_window=4"])
     load_config("configs/tiny.yaml", ["model.attention=sdpa", "model.encoder_window=4"])
+
+
+def test_attention_probes_refuse_a_wrapped_ring_cache():
+    from scd_train.eval.probes import probe_dense_model
+
+    cfg = tiny_cfg("model.arch=causal_dit", "model.encoder_window=3", "model.encoder_sink_frames=1")
+    model = randomized(cfg)
+    result = probe_dense_model(model, latents(cfg, 1, 3), None, steps=2)  # 3 + 1 frames fit S + W = 4
+    assert result.frame_mass.shape[-1] == 4
+    with pytest.raises(TypeError, match=r"model.encoder_window=3, model.encoder_sink_frames=1\) has wrapped"):
+        probe_dense_model(model, latents(cfg, 1, 4), None, steps=2)
+
+
+def test_flops_per_frame_stay_flat_with_a_window():
+    from scd_train.metrics.flops import generated_frame_flops
+
+    windowed = tiny_cfg("model.encoder_window=4", "model.encoder_sink_frames=1").model
+    full = tiny_cfg().model
+    assert generated_frame_flops(windowed, 10, 4, False).total == generated_frame_flops(windowed, 60, 4, False).total
+    assert generated_frame_flops(full, 10, 4, False).total < generated_frame_flops(full, 60, 4, False).total
+    # before the window fills, windowed and full history cost the same
+    assert generated_frame_flops(windowed, 3, 4, False).total == generated_frame_flops(full, 3, 4, False).total
