@@ -2,6 +2,10 @@
 
 ``SCDStream`` and ``CausalDiTStream`` are interactive: ``prefill`` the context, then call
 ``next_frame(action)`` as actions arrive. ``generate`` runs a whole rollout and times it.
+A model with ``model.encoder_window`` streams for ever at constant memory (its KV cache is a
+ring, chosen by the model; nothing here depends on which); a full-history model stops at
+``model.max_frames`` with an error naming both numbers. ``settings.steps`` is read at every
+frame, and ``stream.last_timing`` holds the last frame's encoder and decoder seconds.
 """
 
 from __future__ import annotations
