@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
         action = actions[None, args.context + frame]
         order = names if frame % 2 == 0 else names[::-1]
         for name in order:
-            seconds, cpu_seconds = time_call(lambda s=streams[name]: s.next_frame(action))
+            seconds, cpu_seconds = time_call(lambda s=streams[name], a=action: s.next_frame(a))
             wall[name].append(seconds)
             cpu[name].append(cpu_seconds)
             timing = streams[name].last_timing

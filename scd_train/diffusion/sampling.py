@@ -80,8 +80,9 @@ def _null_actions(actions: Tensor | None, null_id: int) -> Tensor | None:
 
 
 def max_stream_frames(model) -> int | None:
-    """Frames a stream of ``model`` may hold in all (context + generated); None: no limit (a window)."""
-    return None if model.cfg.encoder_window is not None else model.cfg.max_frames
+    """Frames a stream of ``model`` may hold in all (context + generated); None: no limit. The
+    model's cache policy decides (a windowed one has none); the stream only asks."""
+    return model.stream_frame_limit
 
 
 def check_rollout_length(model, context_frames: int, generated_frames: int) -> None:

@@ -70,6 +70,10 @@ class AttentionWindow:
         assert self.frames is not None
         return self.sinks + self.frames
 
+    def stream_limit(self, max_frames: int) -> int | None:
+        """Frames a stream may hold in all: ``max_frames`` for the full history, none for a window."""
+        return None if self.bounded else max_frames
+
     def sink_copies(self, num_frames: int) -> int:
         """Query frames of a clip of ``num_frames`` frames that see pinned sinks (frames > S+W-1)."""
         if self.frames is None or self.sinks == 0:

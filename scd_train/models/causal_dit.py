@@ -64,6 +64,11 @@ class CausalDiT(nn.Module):
         zero_(self.output_norm.modulation)
         zero_(self.proj_out)
 
+    @property
+    def stream_frame_limit(self) -> int | None:
+        """Frames a stream may hold in all (context + generated); None: unbounded (a window)."""
+        return self.window.stream_limit(self.cfg.max_frames)
+
     def conditioning(self, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
         """SiLU'd per-frame conditioning (..., F, D) of timesteps (..., F) and actions (..., F)."""
         cond = self.time_embed(timesteps)
