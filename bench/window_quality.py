@@ -1,6 +1,6 @@
 """Quality past the window: a windowed tiny SCD and its full-history twin, PSNR by horizon.
 
-    python bench/window_quality.py                       # trains both (minutes on 2 cores), then evaluates
+    python bench/window_quality.py                       # trains both side by side (minutes on 2 cores), evaluates
     python bench/window_quality.py --runs /tmp/wq        # where the two run directories go (reused if complete)
 
 Both models train on the embedded moving digits with configs/tiny.yaml (8-frame clips) for the
@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from scd_train.env import library_versions
 from scd_train.metrics.timing import MachineLoad
@@ -28,12 +31,28 @@ CONTEXT, UNROLL = 2, 22  # 24 frames: the held-out videos' length
 HORIZONS = [1, 2, 3, 4, 6, 8, 12, 16, 22]
 
 
-def train(run_dir: Path, overrides: list[str]) -> None:
-    if (run_dir / "checkpoints" / "latest").exists():
-        return  # complete from an earlier invocation: training resumes nothing, so reuse it
+def start_training(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    """One training process on one thread: the two runs share a 2-core machine side by side. A run
+    directory whose checkpoints already reach the steps resumes to nothing and exits at once."""
     cmd = [sys.executable, "-m", "scd_train.train", "--config", "configs/tiny.yaml", *overrides,
            f"train.run_dir={run_dir}", "log.progress_bar=false", "log.wandb=disabled"]
-    subprocess.run(cmd, check=True)
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def reference_psnr(run_dir: Path, clips: int) -> dict[str, dict[str, float]]:
+    """PSNR by horizon of two trivial predictions on the same clips: the last context frame, and black."""
+    from scd_train.config import load_config
+    from scd_train.eval.clips import holdout_eval_clips, stack_clips
+    from scd_train.eval.metrics import per_frame_mse, psnr_from_mse
+
+    eval_clips, decode = holdout_eval_clips(load_config(run_dir / "config.yaml"), CONTEXT + UNROLL, clips)
+    pixels = decode(stack_clips(eval_clips, CONTEXT + UNROLL)[0])
+    out: dict[str, dict[str, float]] = {"copy_last_context_frame": {}, "black_frame": {}}
+    for h in HORIZONS:
+        truth, last = pixels[:, CONTEXT + h - 1], pixels[:, CONTEXT - 1]
+        out["copy_last_context_frame"][str(h)] = float(psnr_from_mse(per_frame_mse(last, truth).mean()))
+        out["black_frame"][str(h)] = float(psnr_from_mse(per_frame_mse(torch.zeros_like(truth), truth).mean()))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/window_quality"))
     parser.add_argument("--window", type=int, default=3)
     parser.add_argument("--sinks", type=int, default=1)
-    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--train-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--clips", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("bench/results/window_quality_tiny.json"))
@@ -49,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     load_before = MachineLoad.now()
     common = [f"train.steps={args.train_steps}", f"data.batch_size={args.batch_size}"]
     windowed, full = args.runs / "windowed", args.runs / "full"
-    train(windowed, [*common, f"model.encoder_window={args.window}", f"model.encoder_sink_frames={args.sinks}"])
-    train(full, common)
+    runs = [start_training(windowed, [*common, f"model.encoder_window={args.window}",
+                                      f"model.encoder_sink_frames={args.sinks}"]),
+            start_training(full, common)]
+    if any(run.wait() != 0 for run in runs):
+        raise SystemExit("training failed; see the output above")
     eval_dir = args.runs / "eval"
     subprocess.run([sys.executable, "-m", "scd_train.eval.cli", "--scd", str(windowed), "--baseline", str(full),
                     "--preset", "tiny", "--context", str(CONTEXT), "--unroll", str(UNROLL), "--clips", str(args.clips),
@@ -75,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "ssim_by_horizon": {name: dict(zip(map(str, m["by_horizon"]["horizons"]), m["by_horizon"]["ssim"]))
                             for name, m in models.items()},
         "psnr_all_generated_frames": {name: m["metrics"]["psnr"] for name, m in models.items()},
+        "reference_psnr_by_horizon": reference_psnr(full, args.clips),
         "machine_load": {"before": load_before.to_dict(), "after": MachineLoad.now().to_dict()},
         "versions": library_versions(),
     }
