@@ -35,6 +35,7 @@ from data_prep.writers import (
 )
 from scd_train.data.manifest import MANIFEST, MANIFEST_VERSION, latent_crc
 from scd_train.data.vae import encode_pixels, load_vae, vae_info
+from scd_train.errors import InputError
 
 OPTIONS_FILE = "encode_options.json"
 FORMATS = ("webdataset", "mds")
@@ -97,8 +98,8 @@ class EncodeSummary:
         return self.frames_encoded / self.seconds if self.seconds > 0 else 0.0
 
 
-class EncodeError(RuntimeError):
-    pass
+class EncodeError(InputError):
+    """Inputs or options that cannot be encoded as given; no manifest is written."""
 
 
 # -- planning ---------------------------------------------------------------------------------------

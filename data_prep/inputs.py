@@ -10,13 +10,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scd_train.errors import InputError
+
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIX = ".npy"
 ACTIONS_SUFFIX = ".actions.npy"
 
 
-class BadInput(Exception):
+class BadInput(InputError):
     """One input cannot be used; the message says why. Counted and reported, never silently dropped."""
 
 

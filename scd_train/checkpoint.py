@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scd_train.errors import ResumeError
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -162,9 +164,10 @@ class CheckpointManager:
         saved_world = trainer_state["world_size"]
         world = self.runtime.world_size
         if saved_world != world and not backend.supports_reshard:
-            raise RuntimeError(
+            raise ResumeError(
                 f"checkpoint {path} was written by {saved_world} ranks but this run has {world}; "
-                f"train.backend={backend.name!r} cannot reshard it: resume with {saved_world} ranks")
+                f"train.backend={backend.name!r} cannot reshard it: resume with {saved_world} ranks, or export "
+                "the weights (scd-export) and start a new run from them with train.init_from")
         backend.load(path, ema)
         if saved_world != world:
             log.warning("checkpoint %s was written by %d ranks; resharded onto %d", path, saved_world, world)

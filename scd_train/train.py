@@ -16,12 +16,16 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
 
 import argparse  # noqa: E402
+import warnings  # noqa: E402
 
-from scd_train.config import ConfigError, load_config  # noqa: E402
+from scd_train.cli import command  # noqa: E402
+from scd_train.config import ignored_settings, load_config  # noqa: E402
+from scd_train.errors import ScdWarning  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="scd-train", description="Train an SCD model or the dense baseline.")
+    parser = argparse.ArgumentParser(prog="scd-train", description="Train an SCD model or the dense baseline.",
+                                     epilog="--debug (or SCD_DEBUG=1) shows the traceback of an error.")
     parser.add_argument("--config", help="YAML config (defaults are SCD-M)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4 train.steps=100")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -29,26 +33,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command("scd-train")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"scd-train: {exc}", file=sys.stderr)
-        return 2
-    from scd_train.data.manifest import ManifestError
+    cfg = load_config(args.config, args.overrides)
+    for note in ignored_settings(cfg):
+        warnings.warn(note, ScdWarning, stacklevel=1)
     from scd_train.trainer import Trainer
 
-    try:
-        trainer = Trainer(cfg)
-    # settings that only fail against the model, the data or the hardware (e.g. FP8, a shard manifest)
-    except (ConfigError, ManifestError) as exc:
-        print(f"scd-train: {exc}", file=sys.stderr)
-        return 2
-    # On an error there is no closing barrier: other ranks may be blocked in a collective, and
-    # the launcher tears them down once this process exits non-zero.
+    # Every failure with a message (config, data, hardware, a diverged loss) is a ScdError that the
+    # command wrapper prints once; with an error there is no closing barrier: other ranks may be
+    # blocked in a collective, and the launcher tears them down once this process exits non-zero.
+    trainer = Trainer(cfg)
     result = trainer.run()
     trainer.runtime.shutdown()
     if trainer.runtime.is_main:

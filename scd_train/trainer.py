@@ -21,6 +21,7 @@ from scd_train.data import Batch, build_train_loader
 from scd_train.diffusion.objective import build_objective
 from scd_train.ema import EMA
 from scd_train.env import environment_report
+from scd_train.errors import RunFailure
 from scd_train.metrics.flops import detect_peak_tflops, tokens_per_frame, train_step_flops
 from scd_train.metrics.loggers import JsonlWriter, Progress, WandbRun
 from scd_train.metrics.throughput import ThroughputMeter
@@ -37,7 +38,7 @@ log = logging.getLogger("scd_train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunFailure):
     """Loss or gradient norm became NaN/Inf; nothing from this step is applied or saved."""
 
 
@@ -202,15 +203,18 @@ class Trainer:
             self.ema.update()
             return
         self.backend.skip_step()
-        where = (f"step {self.state.step}, rank {self.runtime.rank}: loss={float(loss)}, "
-                 f"grad_norm={float(grad_norm)}, samples {keys[:8]}")
+        mine = None if finite else (f"step {self.state.step}, rank {self.runtime.rank}: loss={float(loss)}, "
+                                    f"grad_norm={float(grad_norm)}, samples {keys[:8]}")
+        # every rank gets every bad rank's account, so the one message rank 0 prints names them all
+        where = "; ".join(r for r in self.runtime.all_gather_object(mine) if r)
         if self.cfg.train.on_nonfinite == "skip" and self.state.nonfinite_skips < self.cfg.train.max_nonfinite_skips:
             self.state.nonfinite_skips += 1
             log.warning("non-finite update skipped (%d of at most %d) at %s", self.state.nonfinite_skips,
                         self.cfg.train.max_nonfinite_skips, where)
             return
-        raise NonFiniteError(f"non-finite loss or gradient norm at {where}"
-                             if not finite else f"non-finite values on another rank at step {self.state.step}")
+        raise NonFiniteError(f"non-finite loss or gradient norm at {where}; the update was not applied and "
+                             "nothing was saved (train.on_nonfinite=skip with train.max_nonfinite_skips=N skips "
+                             "up to N such steps)")
 
     def _window_metrics(self, meter: ThroughputMeter, window: list) -> dict:
         loss = torch.stack(window).mean()

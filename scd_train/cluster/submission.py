@@ -15,12 +15,13 @@ import yaml
 
 from scd_train.cluster import dist_env
 from scd_train.config import Config, ConfigError, load_config
+from scd_train.errors import InputError
 
 CLUSTERS = ("slurm", "local", "debug")
 EXAMPLE_JOB_ID = 12345
 
 
-class LaunchError(ValueError):
+class LaunchError(InputError):
     """A launch request that cannot be submitted as given."""
 
 

@@ -17,13 +17,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scd_train.errors import InputError
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 FORMATS = ("webdataset", "mds")
 LATENT_DTYPES = ("float16", "float32")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """The manifest is missing, malformed, or disagrees with the config."""
 
 

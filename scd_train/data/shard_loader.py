@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scd_train.config import ConfigError
 from scd_train.data.batch import Batch
-from scd_train.data.manifest import Manifest
+from scd_train.data.manifest import Manifest, ManifestError
 from scd_train.data.shard_readers import (
     CorruptSampleError,
     TarShardReader,
@@ -31,6 +32,7 @@ from scd_train.data.shard_readers import (
     corrupt_sample,
     open_shards,
 )
+from scd_train.errors import ResumeError
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,9 @@ class SamplePlan:
         self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
         self.batches_per_epoch = self.total // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.total} samples cannot fill one batch of data.batch_size={batch_size} on each "
-                             f"of {world_size} ranks; lower data.batch_size or encode more clips")
+            raise ConfigError(f"{self.total} samples cannot fill one batch of data.batch_size={batch_size} on each "
+                              f"of {world_size} rank(s) (world size detected); lower data.batch_size or encode "
+                              "more clips")
         self._rank_order = lru_cache(maxsize=2)(self._compute_rank_order)
 
     def _compute_rank_order(self, epoch: int) -> np.ndarray:
@@ -146,7 +149,7 @@ class ShardLoader:
             return
         missing = [p for p, why in problems if why == "missing"]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} shard(s) listed in {self.manifest.root}/manifest.json are "
+            raise ManifestError(f"{len(missing)} shard(s) listed in {self.manifest.root}/manifest.json are "
                                     f"missing, first: {missing[0]}")
         path, why = problems[0]
         if self.on_corrupt == "skip":
@@ -190,10 +193,10 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "shards":
-            raise ValueError("the checkpoint's data position is not from a shard loader (data.source changed?)")
+            raise ResumeError("the checkpoint's data position is not from a shard loader (data.source changed?)")
         for key in ("format", "fingerprint", "seed", "world_size", "batch_size"):
             mine = getattr(self, "fmt" if key == "format" else key)
             if state[key] != mine:
-                raise ValueError(f"data position saved with {key}={state[key]!r} cannot resume with {key}={mine!r}")
+                raise ResumeError(f"data position saved with {key}={state[key]!r} cannot resume with {key}={mine!r}")
         self.batches_consumed = int(state["batches_consumed"])
         self.corrupt_skips = int(state["corrupt_skips"])

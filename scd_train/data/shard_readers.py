@@ -18,15 +18,19 @@ from pathlib import Path
 import numpy as np
 
 from scd_train.data.manifest import Manifest, ShardEntry, latent_crc
+from scd_train.errors import InputError
 
 LATENTS, ACTIONS, META = "latents.npy", "actions.npy", "json"
 
 
-class CorruptSampleError(RuntimeError):
+class CorruptSampleError(InputError):
     """A sample could not be read intact; the message names the shard and the member (or sample) at fault.
 
     A one-argument constructor keeps the type when a DataLoader worker re-raises it in the main process.
+    Only the rank that read the sample sees it, so that rank reports it.
     """
+
+    rank_local = True
 
 
 def corrupt_sample(shard: str, member: str, reason: str) -> CorruptSampleError:

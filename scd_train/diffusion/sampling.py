@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from scd_train.errors import InputError
 from scd_train.models.causal_dit import CausalDiT
 from scd_train.models.layers import CLEAN_TIMESTEP
 from scd_train.models.scd import SCDModel
@@ -66,7 +67,7 @@ class SCDStream:
     def __init__(self, model: SCDModel, settings: SamplerSettings, batch: int, capacity_frames: int,
                  generator: torch.Generator | None = None) -> None:
         if settings.guided and settings.cfg_mode == "action" and model.cfg.num_actions == 0:
-            raise ValueError("cfg_mode='action' needs an action-conditioned model (model.num_actions > 0)")
+            raise InputError("cfg_mode='action' needs an action-conditioned model (model.num_actions > 0)")
         self.model = model
         self.settings = settings
         self.generator = generator
@@ -160,9 +161,9 @@ class CausalDiTStream:
     def __init__(self, model: CausalDiT, settings: SamplerSettings, batch: int, capacity_frames: int,
                  generator: torch.Generator | None = None) -> None:
         if settings.guided and settings.cfg_mode != "action":
-            raise ValueError("the dense baseline has no encoder context to perturb: use cfg_mode='action'")
+            raise InputError("the dense baseline has no encoder context to perturb: use cfg_mode='action'")
         if settings.guided and model.cfg.num_actions == 0:
-            raise ValueError("cfg_mode='action' needs an action-conditioned model (model.num_actions > 0)")
+            raise InputError("cfg_mode='action' needs an action-conditioned model (model.num_actions > 0)")
         self.model = model
         self.settings = settings
         self.generator = generator

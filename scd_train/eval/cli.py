@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from scd_train.config import ConfigError, to_dict
+from scd_train.errors import InputError
 from scd_train.eval.protocol import PRESETS, EvalProtocol, build_protocol
 
 PROTOCOL_FLAGS = ("context", "unroll", "trajectories", "clips", "batch_clips", "steps", "cfg_scale", "seed",
                   "compat", "mp4_crf")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(InputError):
     """Bad command-line input: reported as one line and exit status 2."""
 
 

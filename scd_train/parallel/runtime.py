@@ -9,6 +9,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from scd_train.errors import InputError
+
+
+class LaunchEnvironmentError(InputError):
+    """The process's launch environment (device, RANK, WORLD_SIZE, rendezvous) cannot run this config."""
+
 
 @dataclass
 class Runtime:
@@ -37,6 +43,14 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def all_gather_object(self, obj) -> list:
+        """``obj`` of every rank, in rank order (a one-element list without a process group)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj, src: int = 0):
         if not self.distributed:
             return obj
@@ -57,29 +71,65 @@ class Runtime:
 def resolve_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device='cuda' but no CUDA device is visible")
+            raise LaunchEnvironmentError("train.device='cuda' but no CUDA device is visible to this process; "
+                                         "use train.device=cpu (or auto), or check CUDA_VISIBLE_DEVICES")
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise LaunchEnvironmentError(f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible; "
+                                         "start one process per GPU")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
+def check_device_option(text: str, option: str = "--device") -> torch.device:
+    """A device named on the command line, refused early when it cannot exist here."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise LaunchEnvironmentError(f"{option} {text!r} is not a device name (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LaunchEnvironmentError(f"{option} {text}: no CUDA device is visible to this process; "
+                                         "use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise LaunchEnvironmentError(f"{option} {text}: only {count} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise LaunchEnvironmentError(f"{option} {text!r}: expected cpu, cuda or cuda:N")
+    return device
+
+
 def init_runtime(device_choice: str = "auto", timeout_minutes: float = 30.0) -> Runtime:
     """Join the process group described by the launcher's environment (torchrun, deepspeed,
     SLURM via our launcher); a plain ``python`` start is a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise LaunchEnvironmentError(f"RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world_size} do not describe "
+                                     "a process of the job (need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0)")
     device = resolve_device(device_choice, local_rank)
     if world_size > 1 and not dist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
-                raise RuntimeError(f"WORLD_SIZE={world_size} but {var} is unset; start with torchrun, the "
-                                   "deepspeed launcher or launchers/slurm.py")
+                raise LaunchEnvironmentError(f"WORLD_SIZE={world_size} but {var} is unset; start with torchrun, "
+                                             "the deepspeed launcher or launchers/slurm.py")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
     return Runtime(rank, world_size, local_rank, device)
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise LaunchEnvironmentError(f"{name}={text!r} in the environment is not an integer") from None
 
 
 def ensure_process_group(runtime: Runtime) -> None:
