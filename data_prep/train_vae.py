@@ -74,7 +74,9 @@ def load_training_frames(opts: VaeTrainOptions) -> tuple[torch.Tensor, list[str]
 
 
 def train_vae(opts: VaeTrainOptions) -> dict:
-    from diffusers import AutoencoderKL
+    from scd_train.data.vae import diffusers_class
+
+    AutoencoderKL = diffusers_class("AutoencoderKL")  # noqa: N806
 
     if opts.out.exists() and not opts.overwrite:
         raise FileExistsError(f"{opts.out} exists; pass --overwrite to replace it")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scd_train.data.manifest import Manifest, ShardEntry, latent_crc
+from scd_train.data.latent_checks import sample_problem
+from scd_train.data.manifest import Manifest, ManifestError, ShardEntry, latent_crc
 from scd_train.errors import InputError
 
 LATENTS, ACTIONS, META = "latents.npy", "actions.npy", "json"
@@ -35,6 +36,10 @@ class CorruptSampleError(InputError):
 
 def corrupt_sample(shard: str, member: str, reason: str) -> CorruptSampleError:
     return CorruptSampleError(f"corrupt data in shard {shard}, member {member}: {reason}")
+
+
+class _LayoutFault(ValueError):
+    """The tar's members do not group into the samples the manifest describes."""
 
 
 @dataclass
@@ -81,14 +86,20 @@ class ShardReader:
             raise self._fail(member, f"latents checksum {latent_crc(lat)} != {expected_crc} recorded at encode time")
         if not np.isfinite(lat).all():
             raise self._fail(member, "latents contain NaN or Inf")
+        if (problem := sample_problem(lat, m.normalization)) is not None:
+            raise self._fail(member, problem)
         if m.has_actions:
             act = sample.actions
             if act is None:
                 raise self._fail(member, "actions are missing but the manifest says every sample has them")
+            if not isinstance(act, np.ndarray) or not np.issubdtype(act.dtype, np.integer):
+                raise self._fail(member, f"actions dtype {getattr(act, 'dtype', type(act))}: action ids must be "
+                                         "integers (float ids would be truncated)")
             if act.shape != (m.frames,):
                 raise self._fail(member, f"actions shape {act.shape} != ({m.frames},) latent frames")
             if act.size and (act.min() < 0 or act.max() >= m.num_action_classes):
-                raise self._fail(member, f"action ids outside [0, {m.num_action_classes})")
+                raise self._fail(member, f"action ids span [{act.min()}, {act.max()}] but the manifest's "
+                                         f"{m.num_action_classes} classes allow [0, {m.num_action_classes - 1}]")
 
 
 class TarShardReader(ShardReader):
@@ -98,6 +109,9 @@ class TarShardReader(ShardReader):
         super().__init__(manifest, entry)
         self._samples: list[tuple[str, dict[str, tarfile.TarInfo]]] | None = None
         self._broken: tuple[str, str] | None = None  # (member, reason) where the scan stopped
+        # a layout that disagrees with the manifest or with webdataset's grouping (duplicate, scattered or
+        # extra samples): webdataset's own reader would yield other samples than ours, so none is served
+        self._layout_fault: tuple[str, str] | None = None
         self.last_member: str | None = None  # the last member the scan read completely
 
     def _scan(self) -> None:
@@ -111,31 +125,41 @@ class TarShardReader(ShardReader):
                         continue
                     member, base = info.name, info.name.rsplit("/", 1)[-1]
                     if "." not in base:
-                        raise ValueError(f"member name {info.name!r} has no '<key>.<field>' form")
+                        raise _LayoutFault(f"member name {info.name!r} has no '<key>.<field>' form")
                     key, field = base.split(".", 1)
                     if info.offset_data + info.size > size:
                         raise ValueError(f"member ends at byte {info.offset_data + info.size} but the file has "
                                          f"{size} bytes (truncated)")
                     if samples and samples[-1][0] == key:
                         if field in samples[-1][1]:
-                            raise ValueError(f"duplicate member {info.name!r}")
+                            raise _LayoutFault(f"duplicate member {info.name!r} (sample {key!r} stored twice)")
                         samples[-1][1][field] = info
                     elif key in seen:
-                        raise ValueError(f"members of sample {key!r} are not contiguous")
+                        raise _LayoutFault(f"members of sample {key!r} are not contiguous: {info.name!r} follows "
+                                           f"{self.last_member!r} of another sample (a duplicated or scattered "
+                                           "sample; webdataset would yield it twice)")
                     else:
                         samples.append((key, {field: info}))
                         seen.add(key)
                     self.last_member = member
+        except _LayoutFault as exc:
+            self._layout_fault = (member, str(exc))
         except (tarfile.TarError, ValueError, OSError) as exc:
             self._broken = (member, str(exc))
             if samples and samples[-1][0] == key:  # the sample being read when the fault hit is incomplete
                 samples.pop()
+        if self._layout_fault is None and self._broken is None and len(samples) > self.entry.samples:
+            extra = samples[self.entry.samples][0]
+            self._layout_fault = (f"{extra}.*", f"the tar holds {len(samples)} samples but the manifest says "
+                                                f"{self.entry.samples} (webdataset would also yield the extra ones)")
         self._samples = samples
 
     def damage_report(self) -> str:
         """Where the damage starts, for messages: the first bad member, or the last good one."""
         if self._samples is None:
             self._scan()
+        if self._layout_fault is not None:
+            return f"malformed at member: {self._layout_fault[0]} ({self._layout_fault[1]})"
         if self._broken is not None:
             return f"first damaged member: {self._broken[0]} ({self._broken[1]})"
         return (f"readable up to member: {self.last_member} ({len(self._samples)} of {self.entry.samples} "
@@ -144,6 +168,8 @@ class TarShardReader(ShardReader):
     def _fetch(self, index: int) -> tuple[Sample, str]:
         if self._samples is None:
             self._scan()
+        if self._layout_fault is not None:
+            raise self._fail(self._layout_fault[0], self._layout_fault[1])
         if index >= len(self._samples):
             if self._broken is not None:
                 member, reason = self._broken
@@ -207,9 +233,20 @@ def mds_index_objects(manifest: Manifest) -> dict[str, dict]:
         index_path = shard_path.parent / "index.json"
         if index_path not in objs:
             if not index_path.is_file():
-                raise FileNotFoundError(f"MDS index {index_path} for shard {shard_path} is missing")
-            for obj in json.loads(index_path.read_text())["shards"]:
-                objs[str(shard_path.parent / obj["raw_data"]["basename"])] = obj
+                raise ManifestError(f"MDS index {index_path} for shard {shard_path} is missing")
+            try:
+                listed = json.loads(index_path.read_text())["shards"]
+                for obj in listed:
+                    objs[str(shard_path.parent / obj["raw_data"]["basename"])] = obj
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ManifestError(f"MDS index {index_path} is not a valid index.json ({type(exc).__name__}: "
+                                    f"{exc})") from None
+        obj = objs.get(str(shard_path))
+        if obj is not None and (obj.get("samples") != entry.samples or obj["raw_data"].get("bytes") != entry.bytes):
+            raise ManifestError(f"MDS index {index_path} records {obj.get('samples')} samples and "
+                                f"{obj['raw_data'].get('bytes')} bytes for {entry.path} but the manifest records "
+                                f"{entry.samples} samples and {entry.bytes} bytes; the index and the manifest come "
+                                "from different encodes")
     return objs
 
 
@@ -222,7 +259,7 @@ def open_shards(manifest: Manifest, fmt: str) -> list[ShardReader]:
     for entry in entries:
         key = str(manifest.root / entry.path)
         if key not in objs:
-            raise FileNotFoundError(f"MDS shard {key} is listed in the manifest but not in its index.json")
+            raise ManifestError(f"MDS shard {key} is listed in the manifest but not in its index.json")
         readers.append(MdsShardReader(manifest, entry, objs[key]))
     return readers
 
