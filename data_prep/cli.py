@@ -13,14 +13,20 @@ import json
 import sys
 from pathlib import Path
 
+from scd_train.cli import run_cli
+
+SUBCOMMANDS = ("synth", "train-vae", "encode", "verify")
+
 
 def _synth(args: argparse.Namespace) -> int:
+    from data_prep.checks import check_synth_options
     from data_prep.synth import write_synthetic
     from scd_train.config import SyntheticDataConfig
 
     cfg = SyntheticDataConfig(num_videos=args.num_videos, frames_per_video=args.frames, image_size=args.size,
                               digit_scale=args.digit_scale, digits_per_video=args.digits, speed=args.speed,
                               holdout_fraction=args.holdout_fraction)
+    check_synth_options(args.out, cfg, args.seed, args.fps)
     result = write_synthetic(args.out, cfg, args.seed, args.fps, progress=not args.quiet)
     print(f"synth: {result['train_videos']} train + {result['holdout_videos']} held-out videos in {args.out} "
           f"({result['written']} written, {result['kept']} already present)")
@@ -43,19 +49,16 @@ def _train_vae(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from data_prep.encode import EncodeError, EncodeOptions, encode
+    from data_prep.encode import EncodeOptions, encode
 
     height, width = args.size
     opts = EncodeOptions(args.inputs, args.out, args.vae, formats=args.format.split(","), height=height,
                          width=width, clip_frames=args.clip_frames, stride=args.stride,
                          videos_per_shard=args.videos_per_shard, dtype=args.dtype, normalization=args.normalization,
                          num_actions=args.num_actions, default_fps=args.fps, workers=args.workers,
-                         device=args.device, strict=args.strict, overwrite=args.overwrite, progress=not args.quiet)
-    try:
-        summary = encode(opts)
-    except (EncodeError, FileNotFoundError, ValueError) as exc:
-        print(f"scd-data encode: {exc}", file=sys.stderr)
-        return 1
+                         device=args.device, strict=args.strict, overwrite=args.overwrite, progress=not args.quiet,
+                         resample_fps=args.resample_fps, allow_mixed_fps=args.allow_mixed_fps)
+    summary = encode(opts)
     print(f"encode: {summary.videos} videos -> {summary.clips} clips; {summary.jobs_done} shard job(s) run, "
           f"{summary.jobs_reused} already complete; {summary.frames_encoded} frames in {summary.seconds:.1f}s "
           f"({summary.frames_per_second:.1f} frames/s)")
@@ -137,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalization", default="channel_stats", choices=["channel_stats", "scaling_factor"])
     p.add_argument("--num-actions", type=int, help="action classes (default: largest id + 1)")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of image folders and arrays")
+    p.add_argument("--resample-fps", type=float, help="resample every input to this frame rate (nearest frame)")
+    p.add_argument("--allow-mixed-fps", action="store_true",
+                   help="keep inputs of different frame rates as they are (refused otherwise)")
     p.add_argument("--workers", type=int, help="processes (default: all cores on CPU, 1 on CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--strict", action="store_true", help="fail (no manifest) if any input is bad")
@@ -153,9 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     return args.run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Errors read ``scd-data <subcommand>: message`` (see ``scd_train.cli``)."""
+    words = sys.argv[1:] if argv is None else argv
+    sub = next((w for w in words if not w.startswith("-")), None)
+    return run_cli(f"scd-data {sub}" if sub in SUBCOMMANDS else "scd-data", _main, argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data_prep.checks import check_encode_options
+from data_prep.frame_rate import check_uniform_rate, probe_fps, resample_indices
 from data_prep.inputs import BadInput, VideoInput, list_inputs, read_actions, read_frames, resize_crop
+from data_prep.latent_bounds import check_encoded_statistics, video_extremes
 from data_prep.writers import (
     as_float_array,
     atomic_write_json,
@@ -35,7 +39,7 @@ from data_prep.writers import (
 )
 from scd_train.data.manifest import MANIFEST, MANIFEST_VERSION, latent_crc
 from scd_train.data.vae import encode_pixels, load_vae, vae_info
-from scd_train.errors import InputError
+from scd_train.errors import InputError, ScdWarning
 
 OPTIONS_FILE = "encode_options.json"
 FORMATS = ("webdataset", "mds")
@@ -62,13 +66,16 @@ class EncodeOptions:
     strict: bool = False
     overwrite: bool = False
     progress: bool = True
+    # Frame rates: inputs of several rates are refused unless resampled to one or explicitly kept.
+    resample_fps: float | None = None
+    allow_mixed_fps: bool = False
 
     def layout(self, inputs: list[VideoInput], vae_hash: str) -> dict:
         """Everything that decides the bytes of the shards; a rerun must match it exactly."""
         return {"inputs": [i.name for i in inputs], "vae_config_sha256": vae_hash, "formats": sorted(self.formats),
                 "height": self.height, "width": self.width, "clip_frames": self.clip_frames, "stride": self.stride,
                 "videos_per_shard": self.videos_per_shard, "dtype": self.dtype, "num_actions": self.num_actions,
-                "default_fps": self.default_fps}
+                "default_fps": self.default_fps, "resample_fps": self.resample_fps}
 
 
 @dataclass
@@ -161,11 +168,18 @@ def _init_worker(opts: EncodeOptions, threads: int) -> None:
 
 
 def _encode_video(inp: VideoInput, job: Job, opts: EncodeOptions, vae, bad: list[dict]) -> tuple[list[dict], int]:
-    frames, fps = read_frames(inp, opts.default_fps)
+    frames, source_fps = read_frames(inp, opts.default_fps)
+    source_count = len(frames)
+    actions = read_actions(inp, source_count, opts.num_actions) if job.with_actions else None
+    fps = source_fps
+    if opts.resample_fps is not None:
+        keep = resample_indices(source_count, source_fps, opts.resample_fps)
+        frames, fps = frames[keep], float(opts.resample_fps)
+        actions = None if actions is None else actions[keep]
     count = len(frames)
     if count < opts.clip_frames:
-        raise BadInput(f"too short: {count} frames < --clip-frames {opts.clip_frames}")
-    actions = read_actions(inp, count, opts.num_actions) if job.with_actions else None
+        raise BadInput(f"too short: {count} frames < --clip-frames {opts.clip_frames}"
+                       + (f" (after resampling {source_fps:g} -> {fps:g} fps)" if fps != source_fps else ""))
     starts = list(range(0, count - opts.clip_frames + 1, opts.stride))
     used = starts[-1] + opts.clip_frames  # frames past the last clip are never encoded
     pixels = resize_crop(frames[:used], opts.height, opts.width)
@@ -178,7 +192,7 @@ def _encode_video(inp: VideoInput, job: Job, opts: EncodeOptions, vae, bad: list
             bad.append({"input": inp.name, "reason": f"non-finite latents in clip starting at frame {start}"})
             continue
         meta = {"key": key, "video": inp.name, "start": start, "frames": opts.clip_frames, "stride": opts.stride,
-                "fps": fps, "source_frames": count, "latents_crc32": latent_crc(clip)}
+                "fps": fps, "source_fps": source_fps, "source_frames": source_count, "latents_crc32": latent_crc(clip)}
         clip_actions = None if actions is None else np.ascontiguousarray(actions[start:start + opts.clip_frames])
         samples.append({"key": key, "latents": clip, "actions": clip_actions, "meta": meta})
     return samples, used
@@ -187,7 +201,7 @@ def _encode_video(inp: VideoInput, job: Job, opts: EncodeOptions, vae, bad: list
 def run_job(job: Job) -> dict:
     opts: EncodeOptions = _WORKER["opts"]
     vae = _WORKER["vae"]
-    samples, bad, frames_encoded, fps = [], [], 0, set()
+    samples, bad, frames_encoded, fps, source_fps = [], [], 0, set(), set()
     for inp in job.inputs:
         try:
             video_samples, used = _encode_video(inp, job, opts, vae, bad)
@@ -197,6 +211,7 @@ def run_job(job: Job) -> dict:
         frames_encoded += used
         samples += video_samples
         fps.update(s["meta"]["fps"] for s in video_samples)
+        source_fps.update(s["meta"]["source_fps"] for s in video_samples)
     samples.sort(key=lambda s: s["key"])
     out = opts.out
     shards = {"webdataset": [], "mds": []}
@@ -207,7 +222,8 @@ def run_job(job: Job) -> dict:
         columns = mds_columns(shape, opts.dtype, job.with_actions)
         shards["mds"] = write_mds(out, out / "mds" / job.name, samples, columns)
     record = {"job": job.index, "inputs": [i.name for i in job.inputs], "samples": len(samples), "shards": shards,
-              "bad": bad, "frames_encoded": frames_encoded, "fps": sorted(fps), "stats": _channel_stats(samples),
+              "bad": bad, "frames_encoded": frames_encoded, "fps": sorted(fps), "source_fps": sorted(source_fps),
+              "extremes": video_extremes(samples), "stats": _channel_stats(samples),
               "max_action": max((int(s["actions"].max()) for s in samples if s["actions"] is not None), default=-1)}
     atomic_write_json(out / "records" / f"{job.name}.json", record)  # last: marks the job complete
     return record
@@ -229,12 +245,16 @@ def default_workers(device: str) -> int:
 
 
 def encode(opts: EncodeOptions) -> EncodeSummary:
+    check_encode_options(opts)
     bad_formats = [f for f in opts.formats if f not in FORMATS]
     if bad_formats or not opts.formats:
         raise EncodeError(f"--format {','.join(opts.formats)}: expected webdataset, mds or both")
     if opts.dtype not in ("float16", "float32"):
         raise EncodeError(f"--dtype {opts.dtype}: expected float16 or float32")
     info = vae_info(opts.vae)
+    if "float16" in info.weights_dtype:
+        warnings.warn(f"VAE {opts.vae} stores its weights in float16; they are loaded and run in float32 (an exact "
+                      "upcast: float16 arithmetic, not storage, overflows to NaN latents)", ScdWarning, stacklevel=2)
     for side, value in (("height", opts.height), ("width", opts.width)):
         if value % info.spatial_compression:
             raise EncodeError(f"--{side} {value} is not divisible by the VAE's spatial compression "
@@ -242,6 +262,8 @@ def encode(opts: EncodeOptions) -> EncodeSummary:
     inputs = list_inputs(opts.inputs)
     if not inputs:
         raise EncodeError(f"no videos (.mp4/.webm/.avi), image folders or .npy arrays under {opts.inputs}")
+    check_uniform_rate({i.name: probe_fps(i, opts.default_fps) for i in inputs}, opts.resample_fps,
+                       opts.allow_mixed_fps)
     _check_layout(opts.out, opts.layout(inputs, info.config_sha256), opts.overwrite)
     for sub in ("webdataset", "mds", "records"):
         (opts.out / sub).mkdir(exist_ok=True)
@@ -318,6 +340,7 @@ def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[di
     else:
         normalization = {"kind": "scaling_factor", "scaling_factor": info.scaling_factor,
                          "shift_factor": info.shift_factor}
+    check_encoded_statistics(opts, normalization, mean, std, records)
     with_actions = jobs[0].with_actions
     num_classes = opts.num_actions if opts.num_actions is not None else max(r["max_action"] for r in records) + 1
     sample_shape = [opts.clip_frames, info.latent_channels, opts.height // info.spatial_compression,
@@ -338,7 +361,9 @@ def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[di
         "normalization": normalization,
         "latent_stats": {"mean": mean.tolist(), "std": std.tolist(), "values_per_channel": count},
         "video": {"height": opts.height, "width": opts.width, "clip_frames": opts.clip_frames, "stride": opts.stride,
-                  "fps": sorted({f for r in records for f in r["fps"]})},
+                  "fps": sorted({f for r in records for f in r["fps"]}),
+                  "source_fps": sorted({f for r in records for f in r.get("source_fps", r["fps"])}),
+                  "resample_fps": opts.resample_fps},
         "actions": {"present": with_actions, "num_classes": num_classes if with_actions else 0},
         "formats": formats,
         "bad_inputs": sorted((b for r in records for b in r["bad"]), key=lambda b: b["input"]),

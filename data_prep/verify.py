@@ -1,5 +1,7 @@
-"""``scd-data verify``: every shard against the manifest (size, sha256, sample count), every sample
-against the latent contract (fields, shape, dtype, finite values, per-sample checksum)."""
+"""``scd-data verify``: every shard against the manifest (size, sha256, sample count, tar layout,
+per-job MDS index), every sample against the latent contract (fields, shape, dtype, finite values,
+per-sample checksum, value bounds, integer actions), and the statistics of all stored latents
+against the manifest's ``latent_stats``."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from scd_train.data.manifest import file_sha256, load_manifest
+from scd_train.data.latent_checks import StatsAccumulator, statistics_mismatch
+from scd_train.data.manifest import ManifestError, file_sha256, load_manifest
 from scd_train.data.shard_readers import CorruptSampleError, open_shards
 
 
@@ -50,8 +53,13 @@ def _verify_format(manifest, fmt: str, report: VerifyReport, progress: bool) -> 
     if fmt == "mds":
         _verify_mds_index(manifest, entries, report)
     keys: dict[str, str] = {}
-    read = 0
-    readers = open_shards(manifest, fmt) if not any("missing" in p for p in report.problems) else []
+    read, stats = 0, StatsAccumulator()
+    readers = []
+    if not any("missing" in p for p in report.problems):
+        try:
+            readers = open_shards(manifest, fmt)
+        except ManifestError as exc:  # e.g. a per-job MDS index that disagrees with the manifest
+            report.problems.append(str(exc))
     total = sum(len(r) for r in readers)
     with tqdm(total=total, desc=f"verify {fmt}", unit="sample", disable=not progress, file=sys.stderr) as bar:
         for reader in readers:
@@ -65,12 +73,15 @@ def _verify_format(manifest, fmt: str, report: VerifyReport, progress: bool) -> 
                 if sample.key in keys:
                     report.problems.append(f"sample key {sample.key} appears in {keys[sample.key]} and {reader.path}")
                 keys[sample.key] = str(reader.path)
+                stats.add(sample.latents)
                 read += 1
                 bar.update()
     report.samples += read
     expected = sum(e.samples for e in entries)
     if readers and read < expected and not report.problems:
         report.problems.append(f"{fmt}: read {read} samples, manifest says {expected}")
+    if readers and read == expected and (mismatch := statistics_mismatch(stats, manifest)) is not None:
+        report.problems.append(f"{fmt}: {mismatch}")
 
 
 def _verify_mds_index(manifest, entries, report: VerifyReport) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from scd_train.data.manifest import Manifest, Normalization
+from scd_train.errors import InputError
 
 # 64 standard deviations: never reached by real latents (a Gaussian's largest of 1e9 draws is ~6),
 # always reached by a set rescaled by orders of magnitude.
@@ -132,6 +133,24 @@ def spot_check_problem(samples: list[np.ndarray], manifest: Manifest) -> str | N
                     f"{c}, but the manifest's latent_stats imply mean {want_mean[c]:.4g} and std {want_std[c]:.4g}: "
                     "the shards were changed after encoding or the manifest does not belong to them")
     return None
+
+
+def spot_check_readers(readers: Sequence, manifest: Manifest, count: int = SPOT_SAMPLES) -> str | None:
+    """``spot_check_problem`` over ``count`` samples spread evenly over the shards' readers (objects with
+    ``len()`` and ``read(i)``). Samples that fail to read are left to the loader, which reports them."""
+    sizes = [len(r) for r in readers]
+    total = sum(sizes)
+    if total == 0:
+        return None
+    offsets = np.cumsum([0, *sizes])
+    picked = []
+    for global_id in np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(np.int64)):
+        shard = int(np.searchsorted(offsets, global_id, side="right")) - 1
+        try:
+            picked.append(readers[shard].read(int(global_id - offsets[shard])).latents)
+        except InputError:
+            continue
+    return spot_check_problem(picked, manifest)
 
 
 def statistics_mismatch(acc: StatsAccumulator, manifest: Manifest) -> str | None:
