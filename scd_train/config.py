@@ -339,7 +339,8 @@ _DOTTED_KEY = re.compile(r"\b[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+")
 def _attribute(message: str, where: str, overrides: list[str]) -> str:
     """Prefix a cross-field error with the file, or name the overrides that set the keys it cites."""
     cited = set(_DOTTED_KEY.findall(message))
-    involved = [o for o in overrides if o.split("=", 1)[0].strip() in cited]
+    last = {o.split("=", 1)[0].strip(): o for o in overrides}  # the last override of a key is the one in effect
+    involved = [o for key, o in last.items() if key in cited]
     if involved:
         return f"{message} (set on the command line: {' '.join(involved)})"
     return f"{where}: {message}"

@@ -291,7 +291,9 @@ def _configure_logging(run_dir: Path, is_main: bool) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-    if is_main:
-        path = str(run_dir / "train.log")
-        if not any(getattr(h, "baseFilename", None) == str(Path(path).resolve()) for h in root.handlers):
-            root.addHandler(logging.FileHandler(path))
+    path = str((run_dir / "train.log").resolve())
+    for old in [h for h in root.handlers if getattr(h, "baseFilename", path) != path]:
+        root.removeHandler(old)  # an earlier run in this process must not receive this run's log
+        old.close()
+    if is_main and not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
+        root.addHandler(logging.FileHandler(path))

@@ -118,7 +118,7 @@ def stored_dtype(folder: str | Path) -> str:
             return "unknown"
         try:
             with safe_open(str(path), framework="pt") as f:
-                dtypes.update(str(f.get_slice(k).get_dtype()) for k in f)
+                dtypes.update(str(f.get_slice(k).get_dtype()) for k in f.keys())  # noqa: SIM118
         except Exception as exc:  # safetensors' SafetensorError on a damaged header
             raise InputError(f"VAE weights {path} are not a readable safetensors file ({exc})") from None
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
