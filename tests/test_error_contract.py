@@ -233,7 +233,7 @@ def test_mixed_frame_rates_are_resampled_to_one_and_recorded(tmp_path):
     vae = save_random_vae(tmp_path / "vae")
     summary = encode(encode_options(videos, tmp_path / "out", vae, formats=["webdataset"], num_actions=None,
                                     resample_fps=8.0))
-    manifest = load_manifest(summary.manifest)
+    manifest = load_manifest(summary.manifest.parent)
     video = manifest.raw["video"]
     assert video["fps"] == [8.0] and video["source_fps"] == [8.0, 16.0] and video["resample_fps"] == 8.0
     metas = [r.read(i).meta for r in open_shards(manifest, "webdataset") for i in range(len(r))]
