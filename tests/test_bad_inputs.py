@@ -204,6 +204,11 @@ def resumed_with_other_batch(e: Env) -> list[str]:
     return [*SYNTH, f"train.run_dir={run}", "data.batch_size=2", "train.steps=3"]
 
 
+def resumed_with_other_model(e: Env) -> list[str]:
+    run = e.run_copy()
+    return [*SYNTH, f"train.run_dir={run}", "model.width=128", "model.num_heads=4", "train.steps=3"]
+
+
 def run_config_unchanged(e: Env) -> None:
     assert (e.tmp / "run-copy" / "config.yaml").read_bytes() == (e.run / "config.yaml").read_bytes()
 
@@ -268,6 +273,9 @@ CASES = [
     Case("train-resume-other-batch-size", "scd-train", resumed_with_other_batch, 2,
          r"^scd-train: data position saved with batch_size=4 cannot resume with batch_size=2",
          check=run_config_unchanged),
+    Case("train-resume-other-model", "scd-train", resumed_with_other_model, 2,
+         r"^scd-train: checkpoint \S+step_00000002 cannot be resumed by this run \(CheckpointException: .*\); it is "
+         r"damaged or was written with another model config", check=run_config_unchanged),
     # -- scd-train: data --------------------------------------------------------------------------
     Case("train-missing-shard-dir", "scd-train", lambda e: train_shards(e, e.tmp / "nowhere"), 2,
          r"^scd-train: \S+manifest.json does not exist: data.path='\S+nowhere' must be a directory", absent=("run",)),
