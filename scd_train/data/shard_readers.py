@@ -84,8 +84,7 @@ class ShardReader:
         expected_crc = sample.meta.get("latents_crc32")
         if expected_crc is not None and latent_crc(lat) != expected_crc:
             raise self._fail(member, f"latents checksum {latent_crc(lat)} != {expected_crc} recorded at encode time")
-        if not np.isfinite(lat).all():
-            raise self._fail(member, "latents contain NaN or Inf")
+        # one min/max per channel finds NaN/Inf and values beyond the bounds the manifest implies
         if (problem := sample_problem(lat, m.normalization)) is not None:
             raise self._fail(member, problem)
         if m.has_actions:
