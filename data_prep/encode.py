@@ -75,7 +75,9 @@ class EncodeOptions:
         return {"inputs": [i.name for i in inputs], "vae_config_sha256": vae_hash, "formats": sorted(self.formats),
                 "height": self.height, "width": self.width, "clip_frames": self.clip_frames, "stride": self.stride,
                 "videos_per_shard": self.videos_per_shard, "dtype": self.dtype, "num_actions": self.num_actions,
-                "default_fps": self.default_fps, "resample_fps": self.resample_fps}
+                "default_fps": self.default_fps,
+                # only when set, so shards encoded before the option existed stay reusable
+                **({"resample_fps": self.resample_fps} if self.resample_fps is not None else {})}
 
 
 @dataclass
@@ -257,7 +259,7 @@ def encode(opts: EncodeOptions) -> EncodeSummary:
                       "upcast: float16 arithmetic, not storage, overflows to NaN latents)", ScdWarning, stacklevel=2)
     for side, value in (("height", opts.height), ("width", opts.width)):
         if value % info.spatial_compression:
-            raise EncodeError(f"--{side} {value} is not divisible by the VAE's spatial compression "
+            raise EncodeError(f"--size: {side} {value} is not divisible by the VAE's spatial compression "
                               f"{info.spatial_compression}")
     inputs = list_inputs(opts.inputs)
     if not inputs:

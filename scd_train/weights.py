@@ -91,6 +91,8 @@ def load_model(source: str | Path, checkpoint: str | None = None, use_ema: bool 
     else:
         if not source.is_dir():
             raise MissingInput(f"{source} is neither a run directory nor an exported .safetensors file")
+        if not (source / "config.yaml").is_file():
+            raise MissingInput(f"{source} is not a run directory of scd-train: config.yaml is missing")
         cfg = load_config(source / "config.yaml")
         model = build_model(cfg.model)
         weights = read_checkpoint_weights(resolve_checkpoint(source, checkpoint), model, use_ema)

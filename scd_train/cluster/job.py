@@ -34,6 +34,7 @@ from submitit.core.job_environment import SignalHandler
 
 from scd_train.cluster import dist_env
 from scd_train.config import Config
+from scd_train.errors import InputError
 
 log = logging.getLogger("scd_train.cluster")
 
@@ -44,7 +45,7 @@ def preemption_signal() -> signal.Signals:
     try:
         return signal.Signals[name]
     except KeyError:
-        raise ValueError(f"SUBMITIT_PREEMPT_SIGNAL names an unknown signal {name!r}") from None
+        raise InputError(f"SUBMITIT_PREEMPT_SIGNAL names an unknown signal {name!r}") from None
 
 
 def submitit_requeue_handler(sig: int) -> SignalHandler | None:
