@@ -118,6 +118,7 @@ class Case:
     check: Callable[[Env], None] | None = None  # anything else that must hold afterwards
     no_cuda: bool = False  # run as on a machine without a GPU
     stdout: bool = False  # the report goes to stdout (scd-data verify's problem list), not one stderr line
+    environ: tuple[tuple[str, str], ...] = ()  # environment variables set for the case
 
     def __str__(self) -> str:
         return self.id
@@ -258,6 +259,12 @@ CASES = [
          r"detected\)", absent=("run",)),
     Case("train-cuda-without-gpu", "scd-train", lambda e: synth_run(e, "train.device=cuda"), 2,
          r"^scd-train: train.device='cuda' but no CUDA device is visible", absent=("run",), no_cuda=True),
+    Case("train-srun-without-launcher", "scd-train", lambda e: synth_run(e), 2,
+         r"^scd-train: SLURM started 4 tasks \(SLURM_STEP_NUM_TASKS\) but WORLD_SIZE is unset, so each would train "
+         r"alone", absent=("run",), environ=(("SLURM_STEP_NUM_TASKS", "4"),)),
+    Case("train-rank-outside-world", "scd-train", lambda e: synth_run(e), 2,
+         r"^scd-train: rank 3: RANK=3, LOCAL_RANK=0, WORLD_SIZE=2 do not describe a process of the job", absent=("run",),
+         environ=(("RANK", "3"), ("WORLD_SIZE", "2"))),
     Case("train-deepspeed-batch-key", "scd-train",
          lambda e: synth_run(e, "train.backend=deepspeed",
                              f"train.deepspeed_config={e.write('ds.json', json.dumps({'train_batch_size': 64}))}"),
@@ -475,6 +482,8 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_bad_input_is_one_clear_line(case: Case, shared, tmp_path, capsys, monkeypatch, repo_root):
     monkeypatch.chdir(repo_root)
+    for name, value in case.environ:
+        monkeypatch.setenv(name, value)
     if case.no_cuda:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)

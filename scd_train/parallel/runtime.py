@@ -15,6 +15,9 @@ from scd_train.errors import InputError
 class LaunchEnvironmentError(InputError):
     """The process's launch environment (device, RANK, WORLD_SIZE, rendezvous) cannot run this config."""
 
+    # the rank numbering itself may be what is wrong (no process may be rank 0): every process says so
+    rank_local = True
+
 
 @dataclass
 class Runtime:
@@ -103,6 +106,12 @@ def check_device_option(text: str, option: str = "--device") -> torch.device:
 def init_runtime(device_choice: str = "auto", timeout_minutes: float = 30.0) -> Runtime:
     """Join the process group described by the launcher's environment (torchrun, deepspeed,
     SLURM via our launcher); a plain ``python`` start is a single process."""
+    tasks = _env_int("SLURM_STEP_NUM_TASKS", 1)
+    if tasks > 1 and "WORLD_SIZE" not in os.environ:
+        # srun started several copies that would each train alone, into the same run directory
+        raise LaunchEnvironmentError(f"SLURM started {tasks} tasks (SLURM_STEP_NUM_TASKS) but WORLD_SIZE is unset, so "
+                                     "each would train alone; submit with launchers/slurm.py, or export RANK, "
+                                     "LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in every task")
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
