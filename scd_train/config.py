@@ -294,14 +294,18 @@ def config_from_text(text: str | None, overrides: list[str] | None = None, sourc
     if text:
         loaded = parse_yaml(text, where)
         if loaded is not None:
-            _check_part(loaded, where)
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{where}: expected a mapping of sections (model:, optim:, ...), got {loaded!r}")
             merged = OmegaConf.create(loaded)
+            _check_part(merged, where)
     for override in overrides or []:
         merged = _apply_override(merged, override)
     try:
         raw = OmegaConf.to_container(merged, resolve=True) or {}
     except Exception as exc:  # omegaconf interpolation errors (${...}) come in many types
-        raise ConfigError(f"{where}: cannot resolve {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        origin = f"{where} with the command-line overrides" if overrides else where
+        raise ConfigError(f"{origin}: cannot resolve an interpolation ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0]})") from None
     cfg = from_dict(Config, raw, prefix="")
     try:
         validate(cfg)
@@ -310,8 +314,15 @@ def config_from_text(text: str | None, overrides: list[str] | None = None, sourc
     return cfg
 
 
-def _check_part(raw: Any, where: str) -> None:
-    """Keys and types of one source (the file or one override) on their own, so errors name it."""
+def _check_part(part, where: str) -> None:
+    """Keys and types of one source (the file or one override) on their own, so errors name it.
+
+    A part whose ${...} interpolations need the other parts is left to the check of the merged config.
+    """
+    try:
+        raw = OmegaConf.to_container(part, resolve=True)
+    except Exception:  # noqa: BLE001 - unresolvable on its own
+        return
     try:
         from_dict(Config, raw, prefix="")
     except ConfigError as exc:
@@ -326,7 +337,7 @@ def _apply_override(merged, override: str):
         part = OmegaConf.from_dotlist([override])
     except Exception as exc:  # omegaconf's grammar errors
         raise ConfigError(f"{where}: cannot parse the value ({str(exc).splitlines()[0]})") from None
-    _check_part(OmegaConf.to_container(part, resolve=False), where)
+    _check_part(part, where)
     try:
         return OmegaConf.merge(merged, part)
     except Exception as exc:
