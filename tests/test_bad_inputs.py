@@ -147,6 +147,27 @@ def every_sample(latents=None, actions=None):
     return transform
 
 
+def flip_latent_bytes(members):
+    """Every sample's latents altered without updating its CRC (bit rot inside a re-hashed shard)."""
+    out = []
+    for name, data in members:
+        if name.endswith(".latents.npy"):
+            data = data[:-2] + bytes([data[-2] ^ 0x40]) + data[-1:]
+        out.append((name, data))
+    return out
+
+
+def truncate(path: Path, nbytes: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-nbytes])
+
+
+def flip_byte_in_place(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def drop_identity(root: Path) -> None:
     def change(m):
         m["vae"].pop("config_sha256")
@@ -263,8 +284,8 @@ CASES = [
          r"^scd-train: SLURM started 4 tasks \(SLURM_STEP_NUM_TASKS\) but WORLD_SIZE is unset, so each would train "
          r"alone", absent=("run",), environ=(("SLURM_STEP_NUM_TASKS", "4"),)),
     Case("train-rank-outside-world", "scd-train", lambda e: synth_run(e), 2,
-         r"^scd-train: rank 3: RANK=3, LOCAL_RANK=0, WORLD_SIZE=2 do not describe a process of the job", absent=("run",),
-         environ=(("RANK", "3"), ("WORLD_SIZE", "2"))),
+         r"^scd-train: rank 3: RANK=3, LOCAL_RANK=0, WORLD_SIZE=2 do not describe a process of the job",
+         absent=("run",), environ=(("RANK", "3"), ("WORLD_SIZE", "2"))),
     Case("train-deepspeed-batch-key", "scd-train",
          lambda e: synth_run(e, "train.backend=deepspeed",
                              f"train.deepspeed_config={e.write('ds.json', json.dumps({'train_batch_size': 64}))}"),
@@ -314,6 +335,17 @@ CASES = [
          lambda e: train_shards(e, e.shards, f"data.vae_path={retrained_vae(e)}"), 2,
          r"^scd-train: data.vae_path=\S+vae-other has weights sha256 \w+ but .+ was encoded by AutoencoderKL:vae",
          absent=("run",)),
+    Case("train-truncated-tar", "scd-train",
+         lambda e: train_shards(e, e.ds(lambda r: truncate(r / first_tar(r), 3000))), 2,
+         r"^scd-train: corrupt data in shard \S+shard-000000.tar, member \(file size\): \d+ bytes but the manifest "
+         r"records \d+ \(truncated or rewritten\); ", absent=("run",)),
+    Case("train-checksum-mismatch", "scd-train",
+         lambda e: train_shards(e, e.ds(lambda r: every_tar(r, flip_latent_bytes))), 2,
+         r"^scd-train: corrupt data in shard \S+, member \S+latents.npy: latents checksum \w+ != \w+ recorded at "
+         r"encode time", check=no_checkpoint),
+    Case("train-fp8-on-cpu", "scd-train",
+         lambda e: synth_run(e, "precision.fp8.enabled=true", "precision.fp8.backend=torchao", "train.device=cpu"), 2,
+         r"^scd-train: precision.fp8 is enabled but the device is CPU, which has no FP8 matmul units", absent=("run",)),
     Case("train-missing-tar", "scd-train",
          lambda e: train_shards(e, e.ds(lambda r: (r / "webdataset" / "shard-000001.tar").unlink())), 2,
          r"^scd-train: 1 shard\(s\) listed in \S+manifest.json are missing, first: \S+shard-000001.tar",
@@ -424,6 +456,9 @@ CASES = [
     Case("verify-manifest-not-json", "scd-data",
          lambda e: ["verify", str(e.ds(lambda r: (r / "manifest.json").write_text("{oops")))], 2,
          r"^scd-data verify: \S+manifest.json is not valid JSON"),
+    Case("verify-sha256-mismatch", "scd-data",
+         lambda e: ["verify", "--quiet", str(e.ds(lambda r: flip_byte_in_place(r / first_tar(r))))], 1,
+         r"webdataset shard \S+shard-000000.tar: sha256 differs from the manifest", stdout=True),
     Case("verify-duplicated-sample", "scd-data",
          lambda e: ["verify", "--quiet", str(e.ds(lambda r: rewrite_tar(r, first_tar(r), append_copy_of_first)))], 1,
          r"corrupt data in shard \S+shard-000000.tar, member \S+: members of sample '\S+' are not contiguous: .*a "
