@@ -16,6 +16,8 @@ What the wrapped command does:
 - printed once: in a multi-process run (``RANK`` set by torchrun, deepspeed or the SLURM launcher,
   or an initialized process group) only rank 0 prints, except errors marked ``rank_local`` (a
   corrupt sample read by one rank), which the rank that hit them prints as ``prog: rank N: ...``;
+  a rank that stays silent waits ``QUIET_RANK_GRACE_S`` before exiting, so that a launcher killing
+  the group on the first exit does not kill rank 0 before it has printed;
 - ``--debug`` anywhere on the command line (it is removed before ``main`` parses its arguments),
   or ``SCD_DEBUG=1`` in the environment, prints the traceback before the message;
 - an ``ScdWarning`` is printed as ``prog: warning: message`` (rank 0 only);
@@ -32,6 +34,7 @@ import contextlib
 import functools
 import os
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,6 +44,9 @@ from scd_train.errors import ScdError, ScdWarning
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "SCD_DEBUG"
 INTERRUPTED_EXIT_CODE = 130
+# A rank that leaves its error to rank 0 waits this long before exiting: a launcher that sees one
+# process fail kills the others, and rank 0 must get to print first.
+QUIET_RANK_GRACE_S = 5.0
 
 Main = Callable[[list[str] | None], int]
 
@@ -66,7 +72,8 @@ def run_cli(prog: str, main: Main, argv: list[str] | None = None) -> int:
         try:
             return main(args)
         except ScdError as exc:
-            report(prog, exc, debug)
+            if not report(prog, exc, debug):
+                time.sleep(QUIET_RANK_GRACE_S)
             code = exc.exit_code
         except KeyboardInterrupt:
             if debug:
@@ -99,15 +106,17 @@ def process_rank() -> int:
         return 0
 
 
-def report(prog: str, exc: ScdError, debug: bool = False) -> None:
-    """Print ``exc`` the way the contract says (on rank 0, or on this rank when it is rank-local)."""
+def report(prog: str, exc: ScdError, debug: bool = False) -> bool:
+    """Print ``exc`` the way the contract says (on rank 0, or on this rank when it is rank-local);
+    returns whether this process printed it."""
     rank = process_rank()
     if rank != 0 and not exc.rank_local:
-        return
+        return False
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
     where = f"rank {rank}: " if rank != 0 else ""
     print(f"{prog}: {where}{exc}", file=sys.stderr, flush=True)
+    return True
 
 
 @contextlib.contextmanager
