@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from scd_train.data.manifest import file_sha256, load_manifest
+from scd_train.data.manifest import load_manifest
 from scd_train.data.shard_readers import CorruptSampleError, open_shards
+from scd_train.storage import CacheSettings, RetryPolicy
 
 
 @dataclass
@@ -25,25 +27,29 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(root: Path, formats: list[str] | None = None, progress: bool = True) -> VerifyReport:
-    manifest = load_manifest(root, "the shard directory")
+def verify(root: Path | str, formats: list[str] | None = None, progress: bool = True,
+           retry: RetryPolicy | None = None) -> VerifyReport:
+    """``root``: a shard directory or an s3:// prefix (MDS shards of a bucket pass through a scratch cache)."""
+    manifest = load_manifest(root, "the shard directory", retry=retry)
     report = VerifyReport()
-    for fmt in formats or sorted(manifest.shards):
-        _verify_format(manifest, fmt, report, progress)
+    with tempfile.TemporaryDirectory(prefix="scd-verify-") as scratch:
+        for fmt in formats or sorted(manifest.shards):
+            _verify_format(manifest, fmt, report, progress, CacheSettings(scratch))
     return report
 
 
-def _verify_format(manifest, fmt: str, report: VerifyReport, progress: bool) -> None:
+def _verify_format(manifest, fmt: str, report: VerifyReport, progress: bool, cache: CacheSettings) -> None:
     entries = manifest.shards_for(fmt)
+    sizes = manifest.root.file_sizes([e.path for e in entries])
     intact = []
     for entry in entries:
         path = manifest.root / entry.path
         report.shards += 1
-        if not path.is_file():
+        if entry.path not in sizes:
             report.problems.append(f"{fmt} shard {path}: missing")
-        elif path.stat().st_size != entry.bytes:
-            report.problems.append(f"{fmt} shard {path}: {path.stat().st_size} bytes, manifest says {entry.bytes}")
-        elif file_sha256(path) != entry.sha256:
+        elif sizes[entry.path] != entry.bytes:
+            report.problems.append(f"{fmt} shard {path}: {sizes[entry.path]} bytes, manifest says {entry.bytes}")
+        elif path.sha256() != entry.sha256:
             report.problems.append(f"{fmt} shard {path}: sha256 differs from the manifest")
         else:
             intact.append(entry.path)
@@ -51,7 +57,7 @@ def _verify_format(manifest, fmt: str, report: VerifyReport, progress: bool) -> 
         _verify_mds_index(manifest, entries, report)
     keys: dict[str, str] = {}
     read = 0
-    readers = open_shards(manifest, fmt) if not any("missing" in p for p in report.problems) else []
+    readers = open_shards(manifest, fmt, cache) if not any("missing" in p for p in report.problems) else []
     total = sum(len(r) for r in readers)
     with tqdm(total=total, desc=f"verify {fmt}", unit="sample", disable=not progress, file=sys.stderr) as bar:
         for reader in readers:
@@ -75,7 +81,7 @@ def _verify_format(manifest, fmt: str, report: VerifyReport, progress: bool) -> 
 
 def _verify_mds_index(manifest, entries, report: VerifyReport) -> None:
     index_path = manifest.root / "mds" / "index.json"
-    if not index_path.is_file():
+    if not index_path.exists():
         report.problems.append(f"MDS index {index_path} is missing (StreamingDataset needs it)")
         return
     listed = {f"mds/{s['raw_data']['basename']}" for s in json.loads(index_path.read_text())["shards"]}

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scd-train: {exc}", file=sys.stderr)
         return 2
     from scd_train.data.manifest import ManifestError
+    from scd_train.errors import ScdError
     from scd_train.trainer import Trainer
 
     try:
@@ -47,9 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError) as exc:
         print(f"scd-train: {exc}", file=sys.stderr)
         return 2
+    except ScdError as exc:  # e.g. a bucket that does not exist, or no credentials for it
+        print(f"scd-train: {exc}", file=sys.stderr)
+        return exc.exit_code
     # On an error there is no closing barrier: other ranks may be blocked in a collective, and
     # the launcher tears them down once this process exits non-zero.
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    except ScdError as exc:  # e.g. an object deleted from the bucket mid-epoch
+        print(f"scd-train: {exc}", file=sys.stderr)
+        return exc.exit_code
     trainer.runtime.shutdown()
     if trainer.runtime.is_main:
         print(f"{result.status} at step {result.step}; run directory: {result.run_dir}")

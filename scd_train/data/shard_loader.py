@@ -31,6 +31,7 @@ from scd_train.data.shard_readers import (
     corrupt_sample,
     open_shards,
 )
+from scd_train.storage import CacheSettings, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,10 @@ class _BatchStream(IterableDataset):
         while True:
             try:
                 yield self.make_batch(index)
-            except CorruptSampleError as exc:
+            except (CorruptSampleError, StorageError) as exc:
                 # handed over as a value: an exception raised inside a worker makes the DataLoader's
-                # shutdown wait out its join timeouts
-                yield None, [str(exc)]
+                # shutdown wait out its join timeouts (and buries the message under a traceback)
+                yield None, [exc]
             index += workers
 
     def make_batch(self, index: int) -> tuple[Batch, list[str]]:
@@ -124,14 +125,14 @@ class ShardLoader:
 
     def __init__(self, manifest: Manifest, fmt: str, *, batch_size: int, seed: int, clip_frames: int,
                  use_actions: bool, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 on_corrupt: str = "error", max_corrupt_skips: int = 0) -> None:
+                 on_corrupt: str = "error", max_corrupt_skips: int = 0, cache: CacheSettings | None = None) -> None:
         self.manifest, self.fmt = manifest, fmt
         self.batch_size, self.seed, self.clip_frames, self.use_actions = batch_size, seed, clip_frames, use_actions
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.on_corrupt, self.max_corrupt_skips = on_corrupt, max_corrupt_skips
         self.fingerprint = manifest.fingerprint(fmt)
         self._check_files()
-        self.readers = open_shards(manifest, fmt)
+        self.readers = open_shards(manifest, fmt, cache)
         self.plan = SamplePlan([r.entry.samples for r in self.readers], seed, batch_size, rank, world_size)
         self.batches_consumed = 0
         self.corrupt_skips = 0
@@ -170,7 +171,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         for batch, skips in self._batches():
             if batch is None:
-                raise CorruptSampleError(skips[0])
+                raise skips[0]
             for message in skips:
                 self.corrupt_skips += 1
                 if self.corrupt_skips > self.max_corrupt_skips:

@@ -13,6 +13,7 @@ from scd_train.data.memory import ClipSet
 from scd_train.data.shard_loader import ShardLoader
 from scd_train.data.shard_readers import open_shards
 from scd_train.data.vae_codec import VaeCodec
+from scd_train.storage import CacheSettings, RetryPolicy, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,21 @@ def check_manifest(manifest: Manifest, cfg: Config, frames_needed: int, role: st
                                 f"{where} was encoded by {manifest.vae.get('id')!r}")
 
 
+def retry_policy(cfg: Config) -> RetryPolicy:
+    return RetryPolicy(attempts=cfg.data.remote_retries, first_delay_s=cfg.data.remote_retry_delay_s)
+
+
+def cache_settings(cfg: Config) -> CacheSettings:
+    return CacheSettings(cfg.data.cache_dir, parse_size(cfg.data.cache_limit))
+
+
 def build_shard_loader(cfg: Config, rank: int, world_size: int) -> ShardLoader:
-    manifest = load_manifest(cfg.data.path)
+    manifest = load_manifest(cfg.data.path, retry=retry_policy(cfg))
     check_manifest(manifest, cfg, cfg.data.clip_frames)
     loader = ShardLoader(manifest, cfg.data.source, batch_size=cfg.data.batch_size, seed=cfg.data.seed,
                          clip_frames=cfg.data.clip_frames, use_actions=cfg.model.num_actions > 0, rank=rank,
                          world_size=world_size, num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt,
-                         max_corrupt_skips=cfg.data.max_corrupt_skips)
+                         max_corrupt_skips=cfg.data.max_corrupt_skips, cache=cache_settings(cfg))
     log.info("%s shards in %s: %d samples, %d batches per epoch per rank (seed %d, rank %d of %d)",
              cfg.data.source, cfg.data.path, loader.plan.total, loader.batches_per_epoch, cfg.data.seed, rank,
              world_size)
@@ -67,15 +76,15 @@ def shard_holdout_clips(cfg: Config, frames: int) -> tuple[ClipSet, VaeCodec]:
     if cfg.data.holdout_path is None:
         raise ManifestError(f"data.source={cfg.data.source!r}: sampling and evaluation read held-out clips from "
                             "data.holdout_path, which is not set (encode held-out videos into their own directory)")
-    manifest = load_manifest(cfg.data.holdout_path, "data.holdout_path")
+    manifest = load_manifest(cfg.data.holdout_path, "data.holdout_path", retry=retry_policy(cfg))
     check_manifest(manifest, cfg, frames, role="data.holdout_path")
-    train = load_manifest(cfg.data.path) if cfg.data.path else None
+    train = load_manifest(cfg.data.path, retry=retry_policy(cfg)) if cfg.data.path else None
     if train is not None and train.vae.get("config_sha256") != manifest.vae.get("config_sha256"):
         raise ManifestError(f"held-out clips in {cfg.data.holdout_path} were encoded by {manifest.vae.get('id')!r} "
                             f"but the training shards in {cfg.data.path} by {train.vae.get('id')!r}")
     norm = (train or manifest).normalization  # the statistics the model was trained with
     samples = []
-    for reader in open_shards(manifest, cfg.data.source):
+    for reader in open_shards(manifest, cfg.data.source, cache_settings(cfg)):
         for i in range(len(reader)):
             if len(samples) == MAX_HOLDOUT_CLIPS:
                 break
