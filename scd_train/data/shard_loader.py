@@ -164,8 +164,12 @@ class ShardLoader:
         stream = _BatchStream(self, self.batches_consumed)
         if self.num_workers == 0:
             return iter(stream)
+        # a generator of its own: otherwise starting the workers draws their base seed from the global
+        # RNG, shifting the training noise by one draw per (re)start, and a resumed run would differ
+        # from an uninterrupted one (the batches themselves need no randomness)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+                            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                            generator=torch.Generator().manual_seed(self.seed))
         return iter(loader)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -81,6 +81,7 @@ class CacheEntry:
         self.settings, self.url, self.expected = settings, url, expected
         self.path = settings.root / entry_name(url, fingerprint)
         self._lock_fd: int | None = None
+        self.check_limit(max((v for v in expected.values() if v >= 0), default=0))
         if local_leader:
             self._claim_and_clean()
 
@@ -112,13 +113,17 @@ class CacheEntry:
             os.close(fd)
             raise BadCacheDir(f"{self.where}: the cache {self.path} is in use by another running job on this node; "
                               "give concurrent runs different data.cache_dir values") from None
+        try:
+            self._remove_older_versions()
+            self._remove_leftovers()
+            removed = remove_stale_shared_memory(self.path)
+            if removed:
+                log.warning("removed %d shared-memory segment(s) a killed run left for %s", removed, self.path)
+            self._check_free_space()
+        except BaseException:
+            os.close(fd)  # a refused start must not keep the cache claimed (or its disk busy)
+            raise
         self._lock_fd = fd
-        self._remove_older_versions()
-        self._remove_leftovers()
-        removed = remove_stale_shared_memory(self.path)
-        if removed:
-            log.warning("removed %d shared-memory segment(s) a killed run left for %s", removed, self.path)
-        self._check_free_space()
         fcntl.flock(fd, fcntl.LOCK_SH)  # from now on every process of this run shares the claim
 
     def hold(self) -> None:

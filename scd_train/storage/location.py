@@ -71,14 +71,21 @@ def endpoint_description() -> str:
     return "AWS's default S3 endpoint (AWS_ENDPOINT_URL is not set)"
 
 
-_FILESYSTEMS: dict[int, object] = {}
-_CREDENTIALS_CHECKED: set[int] = set()
+_FILESYSTEMS: dict[tuple, object] = {}
+_CREDENTIALS_CHECKED: set[tuple] = set()
+_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "S3_ENDPOINT_URL", "AWS_PROFILE", "AWS_ACCESS_KEY_ID",
+             "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def _client_key() -> tuple:
+    """Clients are per process (sessions do not survive a fork) and per AWS setting in force."""
+    return (os.getpid(), *(os.environ.get(k) for k in _SETTINGS))
 
 
 def _s3fs():
-    """This process's S3 file system (a forked child gets its own: sessions do not survive a fork)."""
-    pid = os.getpid()
-    fs = _FILESYSTEMS.get(pid)
+    """This process's S3 file system for the AWS settings in force."""
+    key = _client_key()
+    fs = _FILESYSTEMS.get(key)
     if fs is None:
         import s3fs
 
@@ -93,14 +100,14 @@ def _s3fs():
         fs = s3fs.S3FileSystem(config_kwargs=config, client_kwargs=client_kwargs, skip_instance_cache=True,
                                use_listings_cache=False)
         fs.retries = 1  # s3fs's own retry loop (a class attribute), unlogged
-        _FILESYSTEMS[pid] = fs
+        _FILESYSTEMS[key] = fs
     return fs
 
 
 def check_credentials(url: str) -> None:
     """Fail early, and clearly, when no credentials can be found for an s3:// URL."""
-    pid = os.getpid()
-    if pid in _CREDENTIALS_CHECKED:
+    key = _client_key()
+    if key in _CREDENTIALS_CHECKED:
         return
     import botocore.session
 
@@ -113,7 +120,7 @@ def check_credentials(url: str) -> None:
         raise NoCredentials(f"no AWS credentials found for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                             "(and AWS_SESSION_TOKEN for temporary ones), or AWS_PROFILE naming a profile in "
                             "~/.aws/credentials, or run where an instance role provides them")
-    _CREDENTIALS_CHECKED.add(pid)
+    _CREDENTIALS_CHECKED.add(key)
 
 
 def translate(exc: BaseException, url: str, action: str) -> StorageError:

@@ -108,7 +108,6 @@ class RemoteMdsShards:
         expected["mds/index.json"] = -1  # size unknown until downloaded
         leader = is_local_leader()
         self.entry = CacheEntry(cache, str(root), fingerprint, expected, leader)
-        self.entry.check_limit(max(shard_sizes.values()))
         node_barrier()  # the leader has claimed and cleaned the entry
         self.entry.hold()
         stream_cls = _logged_stream_class()
