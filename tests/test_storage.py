@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,12 +80,14 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture
-def aws(s3, monkeypatch):
+def aws(s3, monkeypatch, tmp_path):
     """This process's AWS settings point at the test server (environment only, as for users)."""
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "S3_ENDPOINT_URL"):
         monkeypatch.delenv(key, raising=False)
     for key, value in s3.env({}).items():
         monkeypatch.setenv(key, value)
+    # streaming's lock files go to the temporary directory: keep them out of the machine's /tmp
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     return s3
 
 

@@ -126,6 +126,15 @@ class CacheEntry:
         self._lock_fd = fd
         fcntl.flock(fd, fcntl.LOCK_SH)  # from now on every process of this run shares the claim
 
+    def close(self) -> None:
+        """Give up this process's claim (also when the object is collected, and at exit)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
     def hold(self) -> None:
         """Called by the other processes of the node once the leader has claimed the entry."""
         if self._lock_fd is not None:
