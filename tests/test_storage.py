@@ -385,3 +385,39 @@ def test_object_deleted_mid_epoch_stops_naming_it(fmt, aws, bucket_set, tmp_path
     assert f"{url}/{victim.path}" in str(err.value)
     assert loader.corrupt_skips == 0  # never mistaken for corrupt data and skipped
     assert first.latents.shape[0] == 2
+
+
+def test_only_transient_failures_are_retried_and_sizes_parse():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from scd_train.storage import parse_size
+    from scd_train.storage.retry import is_transient
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    assert is_transient(client_error("SlowDown", 503)) and is_transient(client_error("InternalError", 500))
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
+    for code, status in (("NoSuchKey", 404), ("AccessDenied", 403), ("InvalidAccessKeyId", 403)):
+        assert not is_transient(client_error(code, status))
+    wrapped = OSError("wrapped by s3fs")
+    wrapped.__cause__ = client_error("SlowDown", 503)
+    assert is_transient(wrapped)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("reset by peer")
+        return "ok"
+
+    assert RetryPolicy(attempts=3, first_delay_s=0.0).call(flaky, "read x") == "ok" and len(calls) == 3
+    with pytest.raises(FileNotFoundError):  # not transient: one attempt only
+        RetryPolicy(attempts=5, first_delay_s=0.0).call(lambda: calls.append(1) or open("/nonexistent/x"), "read")
+    assert len(calls) == 4
+    assert [RetryPolicy(6, 0.5, 8.0).delay(i) for i in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert parse_size("20gb") == 20 * 1024 ** 3 and parse_size("512MB") == 512 * 1024 ** 2 and parse_size(None) is None
+    with pytest.raises(ValueError, match=r"data.cache_limit='lots': expected a size"):
+        parse_size("lots")

@@ -153,8 +153,8 @@ def translate(exc: BaseException, url: str, action: str) -> StorageError:
         return AccessDenied(f"{action} {url}: permission denied ({brief(exc)})")
     if is_transient(exc):
         where = f"the object store at {endpoint_description()}" if remote else "the file system"
-        return Unreachable(f"{action} {url} failed after {attempts} attempt(s): {brief(exc)}; {where} did not "
-                           "answer in time; check AWS_ENDPOINT_URL and the network" if remote else
+        return Unreachable(f"{action} {url} failed after {attempts} attempt(s): {brief(exc)}; {where} could not "
+                           "be reached or kept failing; check AWS_ENDPOINT_URL and the network" if remote else
                            f"{action} {url} failed after {attempts} attempt(s): {brief(exc)}")
     return StorageFailure(f"{action} {url} failed: {brief(exc)}")
 
