@@ -69,3 +69,19 @@ def test_task_gets_the_settings_but_the_job_file_holds_no_secret(shell, repo_roo
         storage_env.apply(job.storage_env, {})
     assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY were set when the job was submitted" in str(err.value)
     assert "SBATCH_EXPORT" in str(err.value)
+
+
+def test_config_refuses_unsupported_urls_and_sizes(repo_root):
+    from scd_train.config import ConfigError
+
+    tiny = repo_root / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"data.path: 'gs://b/x': only local paths and s3:// URLs"):
+        load_config(tiny, ["data.source=mds", "data.path=gs://b/x"])
+    with pytest.raises(ConfigError, match=r"data.path: 's3://': an s3:// URL needs a bucket"):
+        load_config(tiny, ["data.source=mds", "data.path=s3://"])
+    with pytest.raises(ConfigError, match=r"data.cache_limit='plenty': expected a size such as 500mb"):
+        load_config(tiny, ["data.cache_limit=plenty"])
+    with pytest.raises(ConfigError, match=r"data.remote_retries=0 must be >= 1"):
+        load_config(tiny, ["data.remote_retries=0"])
+    cfg = load_config(tiny, [*BUCKET_RUN, "data.cache_limit=200gb"])
+    assert cfg.data.path == "s3://team-latents/minecraft/train" and cfg.data.cache_limit == "200gb"
