@@ -421,3 +421,50 @@ def test_only_transient_failures_are_retried_and_sizes_parse():
     assert parse_size("20gb") == 20 * 1024 ** 3 and parse_size("512MB") == 512 * 1024 ** 2 and parse_size(None) is None
     with pytest.raises(ValueError, match=r"data.cache_limit='lots': expected a size"):
         parse_size("lots")
+
+
+def _register_streaming_memory(prefix: int, local_dir: Path) -> list[Path]:
+    """What a killed StreamingDataset leaves in /dev/shm: its locals record and its arrays."""
+    text = f"{os.path.abspath(local_dir)}\0{prefix}".encode()
+    segments = [SHM_ROOT / f"{prefix:06d}_locals", SHM_ROOT / f"{prefix:06d}_barrier",
+                SHM_ROOT / f"{prefix:06d}_shard_states"]
+    segments[0].write_bytes((4 + len(text)).to_bytes(4, "little") + text)
+    for seg in segments[1:]:
+        seg.write_bytes(b"\0" * 64)
+    return segments
+
+
+def test_cache_entry_removes_what_a_dead_run_left_and_refuses_a_live_one(tmp_path, caplog):
+    from scd_train.storage.cache import CacheEntry, entry_name
+
+    url = f"s3://{BUCKET}/train"
+    expected = {"mds/shard-000000/shard.00000.mds": 100, "mds/shard-000001/shard.00000.mds": 50, "mds/index.json": -1}
+    settings = CacheSettings(str(tmp_path / "cache"))
+    path = settings.root / entry_name(url, "f" * 64)
+    older = settings.root / entry_name(url, "0" * 64)  # the same URL, encoded again since
+    other = settings.root / entry_name(f"s3://{BUCKET}/holdout", "1" * 64)  # another set: kept
+    for folder in (path / "mds" / "shard-000000", path / "mds" / "shard-000001", older / "mds", other / "mds"):
+        folder.mkdir(parents=True)
+    (path / "mds" / "shard-000000" / "shard.00000.mds").write_bytes(b"x" * 100)  # intact: kept
+    (path / "mds" / "shard-000001" / "shard.00000.mds").write_bytes(b"x" * 20)  # truncated
+    (path / "mds" / "shard-000001" / "shard.00000.mds.3f9a1c").write_bytes(b"x")  # a half-finished download
+    (path / "mds" / "index.json").write_text("{}")
+    (older / "mds" / "index.json").write_text("{}")
+    (other / "mds" / "index.json").write_text("{}")
+    ours = _register_streaming_memory(999_990, path / "mds")
+    theirs = _register_streaming_memory(999_991, other / "mds")
+    try:
+        caplog.set_level(logging.WARNING, logger="scd_train.storage")
+        entry = CacheEntry(settings, url, "f" * 64, expected, local_leader=True)
+        left = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        assert left == [".in-use.lock", "mds/index.json", "mds/shard-000000/shard.00000.mds"]
+        assert not older.exists() and (other / "mds" / "index.json").is_file()
+        assert not any(seg.exists() for seg in ours) and all(seg.exists() for seg in theirs)
+        assert "removed 3 shared-memory segment(s) a killed run left" in caplog.text
+        with pytest.raises(BadCacheDir, match=r"in use by another running job on this node"):
+            CacheEntry(settings, url, "f" * 64, expected, local_leader=True)
+        entry.close()
+        CacheEntry(settings, url, "f" * 64, expected, local_leader=True).close()  # free again once released
+    finally:
+        for seg in ours + theirs:
+            seg.unlink(missing_ok=True)
