@@ -27,12 +27,16 @@ def free_port() -> int:
 
 
 class MotoServer:
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, check_credentials: bool = False) -> None:
+        """``check_credentials``: enforce IAM authentication, so unknown keys are refused (403)."""
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "wb")
+        env = dict(os.environ)
+        if check_credentials:
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + 60
         while True:
             try:

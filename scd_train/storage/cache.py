@@ -56,8 +56,10 @@ def parse_size(text: str | int | None, key: str = "data.cache_limit") -> int | N
 
 
 def entry_name(url: str, fingerprint: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1]).strip("_")[-80:]
-    return f"{slug}-{fingerprint[:16]}"
+    """``<readable tail of the URL>_<hash of the URL>-<fingerprint>``: everything before the last "-" names
+    the URL, so the entries of older versions of one URL are exactly those sharing that stem."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1]).strip("_")[-64:]
+    return f"{slug}_{hashlib.sha256(url.encode()).hexdigest()[:8]}-{fingerprint[:16]}"
 
 
 @dataclass(frozen=True)

@@ -229,15 +229,28 @@ class Location:
             raise translate(exc, self.url, action) from None
 
     # -- reading -------------------------------------------------------------------------------------
+    def _kind(self) -> str | None:
+        """"file", "directory" or None (absent). Unlike fsspec's exists(), a refused request or an
+        unreachable endpoint is an error here, not a silent False."""
+        def probe() -> str | None:
+            try:
+                return _s3fs().info(self._key())["type"]
+            except FileNotFoundError as exc:
+                if "bucket does not exist" in str(exc).lower():
+                    raise
+                return None
+
+        return self._run("check", probe)
+
     def exists(self) -> bool:
         if not self.is_remote:
             return Path(self.url).exists()
-        return self._run("check", lambda: _s3fs().exists(self._key()))
+        return self._kind() is not None
 
     def is_file(self) -> bool:
         if not self.is_remote:
             return Path(self.url).is_file()
-        return self._run("check", lambda: _s3fs().isfile(self._key()))
+        return self._kind() == "file"
 
     def size(self) -> int:
         if not self.is_remote:
