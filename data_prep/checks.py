@@ -11,6 +11,8 @@ from pathlib import Path
 
 from scd_train.config import SyntheticDataConfig
 from scd_train.errors import InputError
+from scd_train.storage import is_remote
+from scd_train.storage.location import check_url
 
 
 def _at_least(name: str, value, low) -> None:
@@ -26,6 +28,20 @@ def _positive_rate(name: str, value: float | None) -> None:
 def _output_dir(name: str, path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise InputError(f"{name} {path} exists and is not a directory")
+
+
+def check_storage_url(name: str, url: str) -> None:
+    try:
+        check_url(url)
+    except ValueError as exc:
+        raise InputError(f"{name} {exc}") from None
+
+
+def check_retry_options(retries: int, delay_s: float) -> None:
+    """``--retries`` / ``--retry-delay`` of the commands that read or write s3:// locations."""
+    _at_least("--retries", retries, 1)
+    if not (math.isfinite(delay_s) and delay_s >= 0):
+        raise InputError(f"--retry-delay {delay_s} must be a non-negative number of seconds")
 
 
 def check_encode_options(opts) -> None:
@@ -47,7 +63,12 @@ def check_encode_options(opts) -> None:
         raise InputError("--resample-fps and --allow-mixed-fps exclude each other: resampling leaves one rate")
     if not Path(opts.inputs).is_dir():
         raise InputError(f"input directory {opts.inputs} does not exist")
-    _output_dir("--out", Path(opts.out))
+    check_storage_url("--out", str(opts.out))
+    if not is_remote(opts.out):
+        _output_dir("--out", Path(opts.out))
+    if opts.staging is not None:
+        _output_dir("--staging", Path(opts.staging))
+    check_retry_options(opts.retries, opts.retry_delay_s)
     from scd_train.parallel.runtime import check_device_option
 
     check_device_option(opts.device)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from data_prep.checks import check_encode_options
 from data_prep.frame_rate import check_uniform_rate, probe_fps, resample_indices
 from data_prep.inputs import BadInput, VideoInput, list_inputs, read_actions, read_frames, resize_crop
 from data_prep.latent_bounds import check_encoded_statistics, video_extremes
+from data_prep.publish import fetch, publish
 from data_prep.writers import (
     as_float_array,
     atomic_write_json,
@@ -40,6 +41,7 @@ from data_prep.writers import (
 from scd_train.data.manifest import MANIFEST, MANIFEST_VERSION, latent_crc
 from scd_train.data.vae import encode_pixels, load_vae, vae_info
 from scd_train.errors import InputError, ScdWarning
+from scd_train.storage import Location, RetryPolicy, open_location
 
 OPTIONS_FILE = "encode_options.json"
 FORMATS = ("webdataset", "mds")
@@ -48,7 +50,7 @@ FORMATS = ("webdataset", "mds")
 @dataclass
 class EncodeOptions:
     inputs: Path
-    out: Path
+    out: Path | str  # a directory, or an s3://bucket/prefix URL
     vae: Path
     formats: list[str] = field(default_factory=lambda: ["webdataset", "mds"])
     height: int = 64
@@ -69,6 +71,19 @@ class EncodeOptions:
     # Frame rates: inputs of several rates are refused unless resampled to one or explicitly kept.
     resample_fps: float | None = None
     allow_mixed_fps: bool = False
+    # s3:// --out: where a job's files are written before upload (None: a temporary directory)
+    staging: Path | None = None
+    # s3:// --out: tries per request on transient failures, first wait (doubling)
+    retries: int = 5
+    retry_delay_s: float = 0.5
+
+    @property
+    def work_dir(self) -> Path:
+        """Where files are written: --out itself, or the staging directory of a bucket --out."""
+        return Path(self.staging) if self.staging is not None else Path(self.out)
+
+    def destination(self) -> Location:
+        return open_location(self.out, RetryPolicy(self.retries, self.retry_delay_s))
 
     def layout(self, inputs: list[VideoInput], vae_hash: str) -> dict:
         """Everything that decides the bytes of the shards; a rerun must match it exactly."""
@@ -119,7 +134,7 @@ def plan_jobs(inputs: list[VideoInput], videos_per_shard: int) -> list[Job]:
             for k, start in enumerate(range(0, len(inputs), videos_per_shard))]
 
 
-def _check_layout(out: Path, layout: dict, overwrite: bool) -> None:
+def _check_layout(out: Location, layout: dict, overwrite: bool) -> None:
     path = out / OPTIONS_FILE
     if path.is_file():
         previous = json.loads(path.read_text())
@@ -130,13 +145,8 @@ def _check_layout(out: Path, layout: dict, overwrite: bool) -> None:
                               "use a new --out or pass --overwrite to start again")
         if previous != layout:
             for name in ("webdataset", "mds", "records", MANIFEST, OPTIONS_FILE):
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, layout)
+                (out / name).remove()
+    path.write_json(layout)
 
 
 def _short(value) -> str:
@@ -144,16 +154,16 @@ def _short(value) -> str:
     return text if len(text) < 80 else text[:77] + "..."
 
 
-def _record_intact(out: Path, record_path: Path) -> dict | None:
-    if not record_path.is_file():
+def _record_intact(out: Location, record_rel: str, present: dict[str, int]) -> dict | None:
+    """The job's record if it and every shard it lists are at ``out``; ``present``: one listing of ``out``."""
+    if record_rel not in present:
         return None
     try:
-        record = json.loads(record_path.read_text())
+        record = json.loads((out / record_rel).read_text())
     except json.JSONDecodeError:
         return None
     for shard in record["shards"]["webdataset"] + record["shards"]["mds"]:
-        path = out / shard["path"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+        if present.get(shard["path"]) != shard["bytes"]:
             return None
     return record
 
@@ -215,7 +225,7 @@ def run_job(job: Job) -> dict:
         fps.update(s["meta"]["fps"] for s in video_samples)
         source_fps.update(s["meta"]["source_fps"] for s in video_samples)
     samples.sort(key=lambda s: s["key"])
-    out = opts.out
+    out = opts.work_dir
     shards = {"webdataset": [], "mds": []}
     if samples and "webdataset" in opts.formats:
         shards["webdataset"].append(write_tar(out, out / "webdataset" / f"{job.name}.tar", samples))
@@ -228,6 +238,10 @@ def run_job(job: Job) -> dict:
               "extremes": video_extremes(samples), "stats": _channel_stats(samples),
               "max_action": max((int(s["actions"].max()) for s in samples if s["actions"] is not None), default=-1)}
     atomic_write_json(out / "records" / f"{job.name}.json", record)  # last: marks the job complete
+    shard_files = [s["path"] for s in shards["webdataset"] + shards["mds"]]
+    mds_index = [f"mds/{job.name}/index.json"] if shards["mds"] else []
+    publish(opts.destination(), out, shard_files, drop=True)  # shards first, the record last
+    publish(opts.destination(), out, mds_index + [f"records/{job.name}.json"])
     return record
 
 
@@ -266,15 +280,25 @@ def encode(opts: EncodeOptions) -> EncodeSummary:
         raise EncodeError(f"no videos (.mp4/.webm/.avi), image folders or .npy arrays under {opts.inputs}")
     check_uniform_rate({i.name: probe_fps(i, opts.default_fps) for i in inputs}, opts.resample_fps,
                        opts.allow_mixed_fps)
-    _check_layout(opts.out, opts.layout(inputs, info.config_sha256), opts.overwrite)
+    dest = opts.destination()
+    _check_layout(dest, opts.layout(inputs, info.config_sha256), opts.overwrite)
+    with tempfile.TemporaryDirectory(prefix="scd-encode-") as tmp:
+        staging = (opts.staging or Path(tmp)) if dest.is_remote else None
+        return _encode_jobs(replace(opts, staging=staging), dest, info, inputs)
+
+
+def _encode_jobs(opts: EncodeOptions, dest: Location, info, inputs: list[VideoInput]) -> EncodeSummary:
+    work = opts.work_dir
     for sub in ("webdataset", "mds", "records"):
-        (opts.out / sub).mkdir(exist_ok=True)
-        remove_temporaries(opts.out / sub)
-    remove_temporaries(opts.out)
+        (work / sub).mkdir(parents=True, exist_ok=True)
+        remove_temporaries(work / sub)
+    remove_temporaries(work)
+    dest.abort_incomplete_uploads()  # what a killed upload left: invisible to readers, but billed
     jobs = plan_jobs(inputs, opts.videos_per_shard)
     records: dict[int, dict] = {}
+    present = dest.file_sizes()
     for job in jobs:
-        if (rec := _record_intact(opts.out, opts.out / "records" / f"{job.name}.json")) is not None:
+        if (rec := _record_intact(dest, f"records/{job.name}.json", present)) is not None:
             records[job.index] = rec
     todo = [job for job in jobs if job.index not in records]
     summary = EncodeSummary(jobs_reused=len(records))
@@ -293,7 +317,7 @@ def encode(opts: EncodeOptions) -> EncodeSummary:
     if summary.clips == 0:
         raise EncodeError(f"no clip could be made from the {len(inputs)} inputs; first problem: "
                           f"{summary.bad[0]['input']}: {summary.bad[0]['reason']}" if summary.bad else "no clips")
-    summary.manifest = _write_manifest(opts, info, jobs, ordered)
+    summary.manifest = _write_manifest(opts, info, jobs, ordered, dest)
     return summary
 
 
@@ -330,8 +354,8 @@ def _run_jobs(todo: list[Job], opts: EncodeOptions, records: dict[int, dict]) ->
     return frames
 
 
-def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[dict]) -> Path:
-    out = opts.out
+def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[dict], dest: Location) -> Location:
+    out = opts.work_dir
     count = sum(r["stats"]["count"] for r in records)
     total = np.sum([r["stats"]["sum"] for r in records if r["stats"]["count"]], axis=0)
     total_sq = np.sum([r["stats"]["sumsq"] for r in records if r["stats"]["count"]], axis=0)
@@ -352,7 +376,9 @@ def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[di
         formats["webdataset"] = {"shards": [s for r in records for s in r["shards"]["webdataset"]]}
     if "mds" in opts.formats:
         job_dirs = [out / "mds" / job.name for job, r in zip(jobs, records) if r["shards"]["mds"]]
+        fetch(dest, out, [f"mds/{d.name}/index.json" for d in job_dirs])  # jobs finished by an earlier run
         merge_mds_index(out / "mds", job_dirs)
+        publish(dest, out, ["mds/index.json"])
         formats["mds"] = {"index": "mds/index.json", "shards": [s for r in records for s in r["shards"]["mds"]]}
     manifest = {
         "version": MANIFEST_VERSION,
@@ -370,8 +396,8 @@ def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[di
         "formats": formats,
         "bad_inputs": sorted((b for r in records for b in r["bad"]), key=lambda b: b["input"]),
         "encode_options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()
-                           if k not in ("progress", "overwrite", "workers")},
+                           if k not in ("progress", "overwrite", "workers", "staging", "retries", "retry_delay_s")},
     }
-    path = out / MANIFEST
-    atomic_write_json(path, manifest)
-    return path
+    atomic_write_json(out / MANIFEST, manifest)
+    publish(dest, out, [MANIFEST])  # last: the set is complete
+    return dest / MANIFEST

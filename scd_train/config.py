@@ -125,10 +125,20 @@ class SyntheticDataConfig:
 class DataConfig:
     # "synthetic" renders the embedded videos in memory; the others read latent shards.
     source: Literal["synthetic", "webdataset", "mds"] = "synthetic"
-    # Directory holding shards and manifest.json (for webdataset / mds).
+    # Directory holding shards and manifest.json (for webdataset / mds): a local path or an
+    # s3://bucket/prefix URL (endpoint and credentials from the standard AWS_* variables / profiles).
     path: str | None = None
     # Shard directory of held-out clips for sampling and evaluation (webdataset / mds).
     holdout_path: str | None = None
+    # Node-local directory caching MDS shards read from a bucket (null: <tmp>/scd-train-cache-<uid>);
+    # one job at a time per node and set. Leftovers of a killed run are cleaned at start-up.
+    cache_dir: str | None = None
+    # Most bytes the cache may hold per shard set, e.g. "20gb" (null: the whole set); at least 4 shards.
+    cache_limit: str | None = None
+    # Tries of each bucket request on transient failures (connection, timeout, throttling, 5xx),
+    # waiting remote_retry_delay_s, then twice as long each time (at most 8 s); every retry is logged.
+    remote_retries: int = 5
+    remote_retry_delay_s: float = 0.5
     # Latent normalization the model expects; must match the manifest ("channel_stats": per-channel
     # mean/std measured at encode time, "scaling_factor": the VAE's scaling/shift factors).
     normalization: Literal["channel_stats", "scaling_factor"] = "channel_stats"
@@ -535,9 +545,29 @@ def validate(cfg: Config) -> None:
     _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
     if cfg.data.source != "synthetic":
         _require(cfg.data.path is not None, f"data.source={cfg.data.source!r} needs data.path (the shard directory)")
+    _validate_storage(cfg)
     if cfg.data.source == "synthetic":
         _validate_synthetic(cfg)
     _validate_fp8(cfg)
+
+
+def _validate_storage(cfg: Config) -> None:
+    from scd_train.storage import parse_size
+    from scd_train.storage.location import check_url
+
+    d = cfg.data
+    for key in ("path", "holdout_path"):
+        if getattr(d, key) is not None:
+            try:
+                check_url(getattr(d, key))
+            except ValueError as exc:
+                raise ConfigError(f"data.{key}: {exc}") from None
+    try:
+        parse_size(d.cache_limit)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _require(d.remote_retries >= 1, f"data.remote_retries={d.remote_retries} must be >= 1")
+    _require(d.remote_retry_delay_s >= 0, f"data.remote_retry_delay_s={d.remote_retry_delay_s} must be >= 0")
 
 
 def _validate_synthetic(cfg: Config) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import submitit
 from submitit.core.job_environment import SignalHandler
 
-from scd_train.cluster import dist_env
+from scd_train.cluster import dist_env, storage_env
 from scd_train.config import Config
 from scd_train.errors import InputError
 
@@ -58,9 +58,11 @@ def submitit_requeue_handler(sig: int) -> SignalHandler | None:
 class TrainingJob(submitit.helpers.Checkpointable):
     """One training run; pickled once at submission and again at every requeue."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, storage_env: dict | None = None) -> None:
         self.cfg = cfg
         self.finished = False
+        # object-storage settings of the submitting shell (no secrets), see cluster/storage_env.py
+        self.storage_env = storage_env or {}
 
     @property
     def run_dir(self) -> Path:
@@ -69,6 +71,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         env = dist_env.derive(os.environ)
         env.export()
+        storage_env.apply(self.storage_env)
         _log_placement(env)
         from scd_train.trainer import Trainer  # heavy; keeps unpickling the job cheap
 
@@ -103,7 +106,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         if self.finished:
             log.info("training finished; not requeueing")
             return None
-        return submitit.helpers.DelayedSubmission(TrainingJob(self.cfg), *args, **kwargs)
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.cfg, self.storage_env), *args, **kwargs)
 
 
 def job_continues_after_stop() -> bool:

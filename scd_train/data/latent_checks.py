@@ -28,6 +28,7 @@ import torch
 
 from scd_train.data.manifest import Manifest, Normalization
 from scd_train.errors import InputError
+from scd_train.storage import StorageError
 
 # 64 standard deviations: never reached by real latents (a Gaussian's largest of 1e9 draws is ~6),
 # always reached by a set rescaled by orders of magnitude.
@@ -165,6 +166,8 @@ def spot_check_readers(readers: Sequence, manifest: Manifest, count: int = SPOT_
         shard = int(np.searchsorted(offsets, global_id, side="right")) - 1
         try:
             picked.append(readers[shard].read(int(global_id - offsets[shard])).latents)
+        except StorageError:
+            raise  # the store failed, not the sample: not something to leave for later
         except InputError:
             continue
     return spot_check_problem(picked, manifest)

@@ -33,6 +33,7 @@ from scd_train.data.shard_readers import (
     open_shards,
 )
 from scd_train.errors import ResumeError
+from scd_train.storage import CacheSettings, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ class SamplePlan:
 class _BatchStream(IterableDataset):
     """Endless batches ``start + worker, start + worker + workers, ...`` of one rank.
 
-    Yields (batch, skipped-sample messages), or (None, [error]) when a sample is corrupt in error mode.
+    Yields (batch, skipped-sample messages), or (None, [error]) when a sample is corrupt in error mode
+    or the storage failed to deliver it.
     """
 
     def __init__(self, loader: ShardLoader, start: int) -> None:
@@ -89,10 +91,10 @@ class _BatchStream(IterableDataset):
         while True:
             try:
                 yield self.make_batch(index)
-            except CorruptSampleError as exc:
+            except (CorruptSampleError, StorageError) as exc:
                 # handed over as a value: an exception raised inside a worker makes the DataLoader's
-                # shutdown wait out its join timeouts
-                yield None, [str(exc)]
+                # shutdown wait out its join timeouts (and buries the message under a traceback)
+                yield None, [exc]
             index += workers
 
     def make_batch(self, index: int) -> tuple[Batch, list[str]]:
@@ -127,14 +129,14 @@ class ShardLoader:
 
     def __init__(self, manifest: Manifest, fmt: str, *, batch_size: int, seed: int, clip_frames: int,
                  use_actions: bool, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 on_corrupt: str = "error", max_corrupt_skips: int = 0) -> None:
+                 on_corrupt: str = "error", max_corrupt_skips: int = 0, cache: CacheSettings | None = None) -> None:
         self.manifest, self.fmt = manifest, fmt
         self.batch_size, self.seed, self.clip_frames, self.use_actions = batch_size, seed, clip_frames, use_actions
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.on_corrupt, self.max_corrupt_skips = on_corrupt, max_corrupt_skips
         self.fingerprint = manifest.fingerprint(fmt)
         self._check_files()
-        self.readers = open_shards(manifest, fmt)
+        self.readers = open_shards(manifest, fmt, cache)
         self.plan = SamplePlan([r.entry.samples for r in self.readers], seed, batch_size, rank, world_size)
         self.batches_consumed = 0
         self.corrupt_skips = 0
@@ -166,14 +168,20 @@ class ShardLoader:
         stream = _BatchStream(self, self.batches_consumed)
         if self.num_workers == 0:
             return iter(stream)
+        # a generator of its own: otherwise starting the workers draws their base seed from the global
+        # RNG, shifting the training noise by one draw per (re)start, and a resumed run would differ
+        # from an uninterrupted one (the batches themselves need no randomness)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+                            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                            generator=torch.Generator().manual_seed(self.seed))
         return iter(loader)
 
     def __iter__(self) -> Iterator[Batch]:
         for batch, skips in self._batches():
             if batch is None:
-                raise CorruptSampleError(skips[0])
+                error = skips[0]
+                error.rank_local = True  # only this rank read that sample: it reports the failure itself
+                raise error
             for message in skips:
                 self.corrupt_skips += 1
                 if self.corrupt_skips > self.max_corrupt_skips:

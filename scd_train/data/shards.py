@@ -17,6 +17,7 @@ from scd_train.data.shard_readers import open_shards
 from scd_train.data.vae_codec import VaeCodec
 from scd_train.data.vae_identity import check_recorded_identity, compare, describe, same_vae
 from scd_train.errors import ScdWarning
+from scd_train.storage import CacheSettings, RetryPolicy, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,21 @@ def check_manifest(manifest: Manifest, cfg: Config, frames_needed: int, role: st
                       "--allow-mixed-fps); motion per frame differs between them", ScdWarning, stacklevel=2)
 
 
+def retry_policy(cfg: Config) -> RetryPolicy:
+    return RetryPolicy(attempts=cfg.data.remote_retries, first_delay_s=cfg.data.remote_retry_delay_s)
+
+
+def cache_settings(cfg: Config) -> CacheSettings:
+    return CacheSettings(cfg.data.cache_dir, parse_size(cfg.data.cache_limit))
+
+
 def build_shard_loader(cfg: Config, rank: int, world_size: int) -> ShardLoader:
-    manifest = load_manifest(cfg.data.path)
+    manifest = load_manifest(cfg.data.path, retry=retry_policy(cfg))
     check_manifest(manifest, cfg, cfg.data.clip_frames)
     loader = ShardLoader(manifest, cfg.data.source, batch_size=cfg.data.batch_size, seed=cfg.data.seed,
                          clip_frames=cfg.data.clip_frames, use_actions=cfg.model.num_actions > 0, rank=rank,
                          world_size=world_size, num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt,
-                         max_corrupt_skips=cfg.data.max_corrupt_skips)
+                         max_corrupt_skips=cfg.data.max_corrupt_skips, cache=cache_settings(cfg))
     if (problem := spot_check_readers(loader.readers, manifest)) is not None:
         raise ManifestError(f"data.path={cfg.data.path}: {problem}")
     log.info("%s shards in %s: %d samples, %d batches per epoch per rank (seed %d, rank %d of %d)",
@@ -74,15 +83,15 @@ def shard_holdout_clips(cfg: Config, frames: int) -> tuple[ClipSet, VaeCodec]:
     if cfg.data.holdout_path is None:
         raise ManifestError(f"data.source={cfg.data.source!r}: sampling and evaluation read held-out clips from "
                             "data.holdout_path, which is not set (encode held-out videos into their own directory)")
-    manifest = load_manifest(cfg.data.holdout_path, "data.holdout_path")
+    manifest = load_manifest(cfg.data.holdout_path, "data.holdout_path", retry=retry_policy(cfg))
     check_manifest(manifest, cfg, frames, role="data.holdout_path")
-    train = load_manifest(cfg.data.path) if cfg.data.path else None
+    train = load_manifest(cfg.data.path, retry=retry_policy(cfg)) if cfg.data.path else None
     if train is not None and not same_vae(train.vae, manifest.vae):
         raise ManifestError(f"held-out clips in {cfg.data.holdout_path} were encoded by {describe(manifest.vae)} "
                             f"but the training shards in {cfg.data.path} by {describe(train.vae)}")
     norm = (train or manifest).normalization  # the statistics the model was trained with
     samples = []
-    for reader in open_shards(manifest, cfg.data.source):
+    for reader in open_shards(manifest, cfg.data.source, cache_settings(cfg)):
         for i in range(len(reader)):
             if len(samples) == MAX_HOLDOUT_CLIPS:
                 break
