@@ -119,3 +119,26 @@ def scatter_first_sample(members: Members) -> Members:
     meta = [m for m in groups[0] if m[0].endswith(".json")]
     rest = [m for m in groups[0] if not m[0].endswith(".json")]
     return rest + groups[1] + meta + [m for g in groups[2:] for m in g]
+
+
+def every_tar(root: Path, transform) -> None:
+    for entry in read_manifest(root)["formats"]["webdataset"]["shards"]:
+        rewrite_tar(root, entry["path"], transform)
+
+
+def every_sample(latents=None, actions=None):
+    """A tar transform applying ``latents``/``actions`` to every sample of a shard."""
+    def transform(members):
+        out = []
+        for group in sample_groups(members):
+            out += change_first_sample(group, latents=latents, actions=actions)
+        return out
+    return transform
+
+
+def bump_mds_index(root: Path) -> None:
+    """The first MDS job's index.json claims one sample more than the manifest (an index from another encode)."""
+    path = root / "mds" / "shard-000000" / "index.json"
+    index = json.loads(path.read_text())
+    index["shards"][0]["samples"] += 1
+    path.write_text(json.dumps(index))

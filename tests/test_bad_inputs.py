@@ -20,13 +20,14 @@ import torch
 from bad_data import (
     append_copy_of_first,
     append_extra_sample,
+    bump_mds_index,
     change_first_sample,
     copy_dataset,
     edit_manifest,
+    every_sample,
+    every_tar,
     first_tar,
-    read_manifest,
     rewrite_tar,
-    sample_groups,
     scatter_first_sample,
 )
 from shard_helpers import encode_options, save_random_vae, write_inputs
@@ -132,21 +133,6 @@ def synth_run(e: Env, *extra: str) -> list[str]:
     return [*SYNTH, f"train.run_dir={e.tmp / 'run'}", *extra]
 
 
-def every_tar(root: Path, transform) -> None:
-    for entry in read_manifest(root)["formats"]["webdataset"]["shards"]:
-        rewrite_tar(root, entry["path"], transform)
-
-
-def every_sample(latents=None, actions=None):
-    """A tar transform applying ``latents``/``actions`` to every sample of a shard."""
-    def transform(members):
-        out = []
-        for group in sample_groups(members):
-            out += change_first_sample(group, latents=latents, actions=actions)
-        return out
-    return transform
-
-
 def flip_latent_bytes(members):
     """Every sample's latents altered without updating its CRC (bit rot inside a re-hashed shard)."""
     out = []
@@ -212,13 +198,6 @@ def videos_with_actions(e: Env, actions: np.ndarray) -> Path:
 def encode_args(e: Env, *extra: str, inputs: Path | None = None, vae: Path | None = None) -> list[str]:
     return ["encode", str(inputs or e.videos), "--vae", str(vae or e.vae), "--out", str(e.tmp / "out"),
             "--size", "32", "--clip-frames", "4", "--stride", "2", "--workers", "1", "--quiet", *extra]
-
-
-def bump_mds_index(root: Path) -> None:
-    path = root / "mds" / "shard-000000" / "index.json"
-    index = json.loads(path.read_text())
-    index["shards"][0]["samples"] += 1
-    path.write_text(json.dumps(index))
 
 
 def resumed_with_other_batch(e: Env) -> list[str]:
@@ -426,6 +405,15 @@ CASES = [
          lambda e: encode_args(e, "--strict", inputs=videos_with_actions(e, np.full(8, -1))), 2,
          r"^scd-data encode: --strict: .*video-00.npy: negative action id -1 \(ids count from 0\)",
          absent=("out/manifest.json",)),
+    Case("encode-zero-retries", "scd-data", lambda e: encode_args(e, "--retries", "0"), 2,
+         r"^scd-data encode: --retries 0 must be at least 1", absent=("out",)),
+    Case("encode-negative-retry-delay", "scd-data", lambda e: encode_args(e, "--retry-delay", "-1"), 2,
+         r"^scd-data encode: --retry-delay -1.0 must be a non-negative number of seconds", absent=("out",)),
+    Case("encode-unsupported-url", "scd-data", lambda e: [*encode_args(e), "--out", "gs://bucket/latents"], 2,
+         r"^scd-data encode: --out 'gs://bucket/latents': only local paths and s3:// URLs are supported"),
+    Case("encode-staging-is-a-file", "scd-data",
+         lambda e: encode_args(e, "--staging", str(e.write("staging", ""))), 2,
+         r"^scd-data encode: --staging \S+staging exists and is not a directory", absent=("out",)),
     # -- scd-data train-vae / synth ---------------------------------------------------------------
     Case("vae-zero-steps", "scd-data", lambda e: ["train-vae", str(e.videos), "--out", str(e.tmp / "v"),
                                                   "--steps", "0"], 2,
@@ -453,6 +441,10 @@ CASES = [
     # -- scd-data verify --------------------------------------------------------------------------
     Case("verify-missing-dir", "scd-data", lambda e: ["verify", str(e.tmp / "none")], 2,
          r"^scd-data verify: \S+manifest.json does not exist: the shard directory='\S+none' must be a directory"),
+    Case("verify-zero-retries", "scd-data", lambda e: ["verify", str(e.shards), "--retries", "0"], 2,
+         r"^scd-data verify: --retries 0 must be at least 1"),
+    Case("verify-unsupported-url", "scd-data", lambda e: ["verify", "gs://bucket/latents"], 2,
+         r"^scd-data verify: the shard directory: 'gs://bucket/latents': only local paths and s3:// URLs"),
     Case("verify-manifest-not-json", "scd-data",
          lambda e: ["verify", str(e.ds(lambda r: (r / "manifest.json").write_text("{oops")))], 2,
          r"^scd-data verify: \S+manifest.json is not valid JSON"),

@@ -5,7 +5,7 @@ the bucket (killed part-way, then finished by a rerun), verifies the bucket, tra
 (torchrun, gloo) from it in both formats, kills the runs and resumes them, and checks that the
 resumed losses are those of an uninterrupted run. The other tests feed it bad input: a missing
 bucket, no credentials, a wrong endpoint, a prefix without manifest, a full or read-only cache
-disk, an object deleted mid-epoch.
+disk, an object deleted mid-epoch, and damaged shards (the same data checks as on local disk).
 """
 
 from __future__ import annotations
@@ -414,8 +414,52 @@ def test_object_deleted_mid_epoch_stops_naming_it(fmt, aws, bucket_set, tmp_path
         for _ in range(loader.batches_per_epoch):
             next(batches)
     assert f"{url}/{victim.path}" in str(err.value)
+    assert err.value.rank_local  # only this rank read it, so this rank prints it (scd_train.cli)
     assert loader.corrupt_skips == 0  # never mistaken for corrupt data and skipped
     assert first.latents.shape[0] == 2
+
+
+def damaged_copy(aws, name: str, damage, tmp_path: Path) -> str:
+    """The bucket's set copied to the prefix ``name`` through a local directory, where ``damage(root)``
+    alters it the way tests/bad_data.py does (keeping the manifest's sizes and hashes consistent)."""
+    client, local = aws.client(), tmp_path / name
+    for key in aws.keys(BUCKET, "train/"):
+        target = local / key[len("train/"):]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(BUCKET, key, str(target))
+    damage(local)
+    for path in (p for p in local.rglob("*") if p.is_file()):
+        client.upload_file(str(path), BUCKET, f"{name}/{path.relative_to(local).as_posix()}")
+    return f"s3://{BUCKET}/{name}"
+
+
+def test_the_data_checks_run_on_a_bucket_too(aws, bucket_set, tmp_path):
+    """Per-job MDS index, tar layout, the start-up spot check and verify's statistics, on s3:// paths."""
+    from bad_data import append_copy_of_first, bump_mds_index, every_sample, every_tar, first_tar, rewrite_tar
+
+    from scd_train.config import load_config
+    from scd_train.data.shards import build_shard_loader
+
+    def index_and_layout(root: Path) -> None:
+        bump_mds_index(root)
+        rewrite_tar(root, first_tar(root), append_copy_of_first)
+
+    url = damaged_copy(aws, "bad-layout", index_and_layout, tmp_path)
+    manifest = load_manifest(url, retry=FAST_RETRY)
+    with pytest.raises(ManifestError, match=rf"MDS index {url}/mds/shard-000000/index.json records \d+ samples"):
+        ShardLoader(manifest, "mds", batch_size=2, seed=0, clip_frames=CLIP_FRAMES, use_actions=True,
+                    cache=CacheSettings(str(tmp_path / "cache")))
+    problems = verify(url, progress=False, retry=FAST_RETRY).problems
+    assert any(p.startswith(f"MDS index {url}/mds/shard-000000/index.json records") for p in problems), problems
+    assert any(f"corrupt data in shard {url}/webdataset/shard-000000.tar" in p and "not contiguous" in p
+               for p in problems), problems
+
+    url = damaged_copy(aws, "rescaled", lambda r: every_tar(r, every_sample(latents=lambda a: a * 6)), tmp_path)
+    cfg = load_config(run_config(tmp_path, "spot", "webdataset", url))
+    with pytest.raises(ManifestError, match=rf"data.path={url}: \d+ sampled clips have normalized mean"):
+        build_shard_loader(cfg, rank=0, world_size=1)
+    problems = verify(url, ["webdataset"], progress=False, retry=FAST_RETRY).problems
+    assert any("the stored latents have mean" in p for p in problems), problems
 
 
 def test_only_transient_failures_are_retried_and_sizes_parse():
