@@ -17,7 +17,7 @@ const play = {
   refused: false,
   canvases: [],
   // for whoever watches the page (people and tests): what arrived and when
-  stats: { frames: 0, generated: 0, arrivals: [], checksums: [], lastHeader: null, notices: [] },
+  stats: { frames: 0, generated: 0, arrivals: [], checksums: [], headers: [], lastHeader: null, notices: [] },
 };
 window.scdPlay = play;
 
@@ -126,7 +126,9 @@ function onFrame(buffer) {
   stats.frames += 1;
   stats.lastHeader = header;
   stats.checksums.push(checksum(pixels));
+  stats.headers.push({ index: header.index, generated: header.generated, clip: header.clip, action: header.action });
   if (stats.checksums.length > 64) stats.checksums.shift();
+  if (stats.headers.length > 64) stats.headers.shift();
   if (header.generated) {
     stats.generated += 1;
     stats.arrivals.push(now);
