@@ -95,6 +95,17 @@ def test_script_plays_through_the_session_tick_and_writes_the_video(runs, tmp_pa
     assert [r["name"] for r in lines if r["generated"]][:4] == ["right"] * 3 + ["down"]
 
 
+def test_context_from_picks_the_held_out_clip_and_names_the_choices_when_wrong(runs, tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    key = "synthetic-000015/000000"  # the last of the 16 tiny videos is held out
+    args = [str(runs["scd"]), "--script", "up", "--steps", "1", "--out", str(tmp_path / "a.mp4"), "--log", str(log)]
+    assert cli.main([*args, "--context-from", key]) == 0
+    assert {json.loads(line)["clip"] for line in log.read_text().splitlines()} == {key}
+    assert cli.main([*args, "--context-from", "synthetic-999999/000000"]) == 2
+    err = capsys.readouterr().err
+    assert "--context-from 'synthetic-999999/000000' is neither a held-out clip key" in err and key in err
+
+
 def test_script_with_the_dense_baseline_plays_both_side_by_side(runs, tmp_path):
     out, log = tmp_path / "both.gif", tmp_path / "both.jsonl"
     args = [str(runs["scd"]), "--baseline", str(runs["dense"]), "--script", "left*2", "--steps", "1",
@@ -219,7 +230,9 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(runs, tmp_path_factory):
-    running = Server(runs["scd"], tmp_path_factory.mktemp("play-server"), "--steps", "1", "--fps", "12")
+    # the dense baseline plays beside the model, so every page test also covers the second panel
+    running = Server(runs["scd"], tmp_path_factory.mktemp("play-server"), "--steps", "1", "--fps", "12",
+                     "--baseline", str(runs["dense"]))
     yield running
     running.stop()
 
@@ -261,6 +274,8 @@ def test_page_plays_keys_reach_the_model_frames_change_and_speed_is_shown(server
         assert float(page.inner_text("#fps")) > 0
         readout = page.inner_text("#ms")
         assert re.search(r"encoder \d+\.\d ms \+ decoder \d+\.\d ms \(1 steps\)", readout), readout
+        assert re.search(r"SCD: \d+\.\d ms/frame .* dense baseline: \d+\.\d ms/frame", page.inner_text("#panel-ms"))
+        assert page.locator("figcaption").all_inner_texts() == ["SCD", "dense baseline"]
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = page.screenshot(path=str(ARTIFACTS / "page.png"))
         print(f"screenshot: {ARTIFACTS / 'page.png'}")
@@ -307,11 +322,11 @@ def test_pause_stops_frames_resume_restarts_them_reset_takes_a_new_context_and_r
 @pytest.mark.slow
 def test_steps_change_live_while_the_server_keeps_answering(server, browser):
     with open_page(browser, server) as page:
-        page.fill("#steps", "400")
+        page.fill("#steps", "100")
         page.dispatch_event("#steps", "change")
-        page.wait_for_function("window.scdPlay.stats.lastHeader.steps === 400", timeout=60_000)
-        # a 400-step frame is in progress on the model thread; the event loop still answers
-        status = wait_until(lambda: (s := server.status())["busy"] and s["steps"] == 400 and s, what="a busy status")
+        page.wait_for_function("window.scdPlay.stats.lastHeader.steps === 100", timeout=60_000)
+        # a 100-step frame is in progress on the model thread; the event loop still answers
+        status = wait_until(lambda: (s := server.status())["busy"] and s["steps"] == 100 and s, what="a busy status")
         assert status["player"] and status["stream_open"]
         page.fill("#steps", "1")
         page.dispatch_event("#steps", "change")
@@ -375,3 +390,16 @@ def test_a_model_without_actions_plays_the_null_action_says_so_and_stops_at_max_
         assert max(r["frame"] for r in records) == NO_ACTIONS_MAX_FRAMES - 1
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_websocket_from_another_site_is_refused(server):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    url = server.url.replace("http://", "ws://") + "ws"
+    with pytest.raises(InvalidStatus, match="403"), connect(url, origin="http://elsewhere.example", open_timeout=30):
+        pass
+    wait_until(lambda: not server.status()["player"], what="no player")
+    with connect(url, origin=server.url.rstrip("/"), open_timeout=30) as ws:  # the page's own origin plays
+        assert json.loads(ws.recv(timeout=30))["type"] == "hello"
