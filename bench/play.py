@@ -51,7 +51,7 @@ def build_digits_run(work: Path, train_steps: int) -> Path:
     """Moving digits -> small VAE -> latent shards -> tiny_shards SCD (a few steps)."""
     from data_prep.demo import DemoScale, prepare_shards
 
-    scale = DemoScale(videos=16, frames=24, size=64, vae_steps=10, vae_batch=8, context=4, unroll=12, progress=False)
+    scale = DemoScale(videos=16, frames=24, size=64, vae_steps=20, vae_batch=8, context=4, unroll=12, progress=False)
     overrides = prepare_shards(work / "data", scale)
     run = work / "run"
     cmd = [sys.executable, "-m", "scd_train.train", "--config", "configs/tiny_shards.yaml", *overrides,

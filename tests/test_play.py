@@ -273,7 +273,7 @@ def test_page_plays_keys_reach_the_model_frames_change_and_speed_is_shown(server
         page.wait_for_function("document.getElementById('fps').textContent !== '–'", timeout=30_000)
         assert float(page.inner_text("#fps")) > 0
         readout = page.inner_text("#ms")
-        assert re.search(r"encoder \d+\.\d ms \+ decoder \d+\.\d ms \(1 steps\)", readout), readout
+        assert re.search(r"encoder \d+\.\d ms \+ decoder \d+\.\d ms \(1 step\)", readout), readout
         assert re.search(r"SCD: \d+\.\d ms/frame .* dense baseline: \d+\.\d ms/frame", page.inner_text("#panel-ms"))
         assert page.locator("figcaption").all_inner_texts() == ["SCD", "dense baseline"]
         ARTIFACTS.mkdir(parents=True, exist_ok=True)

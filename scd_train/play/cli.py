@@ -27,7 +27,7 @@ DEFAULT_PORT = 8765
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scd-play", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="scd-play", description=__doc__.split("\n\n")[0].replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Keys, the page and the limits: docs/play.md")
     parser.add_argument("source", type=Path, help="a run directory or an exported .safetensors file")

@@ -276,9 +276,9 @@ class PlaySession:
                           time.perf_counter() - start, self.clip_key)
 
     def tick(self, action: int | None) -> TickResult:
-        """Generate the next frame of every panel under ``action`` (None: the null action)."""
+        """Generate the next frame of every panel under ``action`` (None: the null action); after ``reset``."""
         if not self.is_open:
-            self.reset()
+            raise RuntimeError("no stream is open: call reset() to start from a context first")
         if not self.endless and self.frames_total >= self.max_frames:
             raise PlayLimit(self.limit_message())
         if action is not None:

@@ -83,7 +83,11 @@ function onHello(info) {
   $("run").textContent = `${info.run} · ${info.panels.join(" | ")}`;
   $("connection").textContent = info.endless ? "endless (windowed encoder)" : `up to ${info.max_frames} frames per context`;
   $("steps").value = info.steps;
-  $("rate").value = String(info.fps_target);
+  const rate = $("rate");
+  if (![...rate.options].some((o) => Number(o.value) === info.fps_target)) {
+    rate.add(new Option(`${info.fps_target} fps`, String(info.fps_target)));  // the server's --fps
+  }
+  rate.value = String(info.fps_target);
   $("record").disabled = !info.recording;
   buildScreens(info);
   buildKeys(info.actions);
@@ -146,7 +150,7 @@ function showReadout(header) {
   const ms = (v) => v.toFixed(1);
   const first = header.panels[0];
   $("ms").textContent = `per frame: ${ms(header.tick_ms)} ms · encoder ${ms(first.encoder_ms)} ms + decoder `
-    + `${ms(first.decoder_ms)} ms (${header.steps} steps) + render ${ms(first.render_ms)} ms`;
+    + `${ms(first.decoder_ms)} ms (${header.steps} step${header.steps === 1 ? "" : "s"}) + render ${ms(first.render_ms)} ms`;
   $("panel-ms").textContent = header.panels.length > 1 ? header.panels.map((p) => {
     const total = p.encoder_ms + p.decoder_ms + p.render_ms;
     return `${p.label}: ${ms(total)} ms/frame (${total > 0 ? (1000 / total).toFixed(0) : "–"} frames/s alone)`;
