@@ -91,7 +91,7 @@ def plays_endlessly(cfg: Config) -> bool:
     return getattr(cfg.model, "encoder_window", None) is not None
 
 
-def _stream_capacity(model: nn.Module, cfg: Config) -> int:
+def _stream_capacity(cfg: Config) -> int:
     # the dense baseline keeps one cache slot beyond its committed frames for the frame being denoised
     return cfg.model.max_frames - (1 if cfg.model.arch == "causal_dit" else 0)
 
@@ -107,10 +107,11 @@ class Panel:
 
     def open(self, context: torch.Tensor, actions: torch.Tensor | None) -> None:
         try:
-            self.stream = new_stream(self.model, self.settings, 1, _stream_capacity(self.model, self.cfg),
-                                     self.generator)
+            self.stream = new_stream(self.model, self.settings, 1, _stream_capacity(self.cfg), self.generator)
         except ValueError as exc:  # settings the stream refuses (e.g. guidance the model cannot do)
             raise InputError(f"{self.label}: {exc}") from None
+        if self.cfg.model.num_actions == 0:
+            actions = None  # the clip may carry actions the model was not trained to read
         self.stream.prefill(context.to(self.device), None if actions is None else actions.to(self.device))
 
     def step(self, action: int | None) -> tuple[torch.Tensor, PanelTiming]:
