@@ -169,7 +169,14 @@ class Server:
         self._stderr = open(self.stderr_path, "w")
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env,
                                      cwd=REPO)
-        self.url = self._address(timeout=180)
+        self._url: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The address the server printed, once it is ready (servers started together load in parallel)."""
+        if self._url is None:
+            self._url = self._address(timeout=180)
+        return self._url
 
     def _address(self, timeout: float) -> str:
         selector = selectors.DefaultSelector()
@@ -229,12 +236,23 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(runs, tmp_path_factory):
-    # the dense baseline plays beside the model, so every page test also covers the second panel
-    running = Server(runs["scd"], tmp_path_factory.mktemp("play-server"), "--steps", "1", "--fps", "12",
-                     "--baseline", str(runs["dense"]))
+def servers(runs, tmp_path_factory):
+    """Both servers start at once, so their start-ups overlap."""
+    running = {
+        # the dense baseline plays beside the model, so every page test also covers the second panel
+        "scd": Server(runs["scd"], tmp_path_factory.mktemp("play-server"), "--steps", "1", "--fps", "12",
+                      "--baseline", str(runs["dense"])),
+        "no_actions": Server(runs["no_actions"], tmp_path_factory.mktemp("play-server-no-actions"), "--steps", "1",
+                             "--fps", "30"),
+    }
     yield running
-    running.stop()
+    for server in running.values():
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers["scd"]
 
 
 @contextlib.contextmanager
@@ -320,7 +338,7 @@ def test_pause_stops_frames_resume_restarts_them_reset_takes_a_new_context_and_r
 
 
 @pytest.mark.slow
-def test_steps_change_live_while_the_server_keeps_answering(server, browser):
+def test_steps_and_rate_change_live_while_the_server_keeps_answering(server, browser):
     with open_page(browser, server) as page:
         page.fill("#steps", "100")
         page.dispatch_event("#steps", "change")
@@ -331,6 +349,8 @@ def test_steps_change_live_while_the_server_keeps_answering(server, browser):
         page.fill("#steps", "1")
         page.dispatch_event("#steps", "change")
         page.wait_for_function("window.scdPlay.stats.lastHeader.steps === 1", timeout=60_000)
+        page.select_option("#rate", "30")  # the target rate changes live too
+        wait_until(lambda: server.status()["fps_target"] == 30, what="the new target rate")
 
 
 @pytest.mark.slow
@@ -372,24 +392,21 @@ def test_malformed_websocket_messages_are_ignored_and_logged(server, browser):
 
 
 @pytest.mark.slow
-def test_a_model_without_actions_plays_the_null_action_says_so_and_stops_at_max_frames(runs, browser, tmp_path):
-    server = Server(runs["no_actions"], tmp_path, "--steps", "1", "--fps", "30")
-    try:
-        with open_page(browser, server, wait_for_frames=1) as page:
-            assert page.is_visible("#no-actions")
-            notices = page.evaluate("window.scdPlay.stats.notices")
-            assert any("null action only" in n["text"] for n in notices)
-            page.keyboard.press("ArrowRight")
-            page.wait_for_selector("#notice:has-text('model.encoder_window')", timeout=60_000)
-            assert f"model.max_frames={NO_ACTIONS_MAX_FRAMES}" in page.inner_text("#notice")
-            assert page.evaluate("window.scdPlay.stats.lastHeader.frames_left") == 0
-            page.click("#reset")
-            page.wait_for_function(f"window.scdPlay.stats.lastHeader.index === {CONTEXT}", timeout=30_000)
-        records = server.frames()
-        assert {r["action"] for r in records if r["generated"]} == {None}
-        assert max(r["frame"] for r in records) == NO_ACTIONS_MAX_FRAMES - 1
-    finally:
-        server.stop()
+def test_a_model_without_actions_plays_the_null_action_says_so_and_stops_at_max_frames(servers, browser):
+    server = servers["no_actions"]
+    with open_page(browser, server, wait_for_frames=1) as page:
+        assert page.is_visible("#no-actions")
+        notices = page.evaluate("window.scdPlay.stats.notices")
+        assert any("null action only" in n["text"] for n in notices)
+        page.keyboard.press("ArrowRight")
+        page.wait_for_selector("#notice:has-text('model.encoder_window')", timeout=60_000)
+        assert f"model.max_frames={NO_ACTIONS_MAX_FRAMES}" in page.inner_text("#notice")
+        assert page.evaluate("window.scdPlay.stats.lastHeader.frames_left") == 0
+        page.click("#reset")
+        page.wait_for_function(f"window.scdPlay.stats.lastHeader.index === {CONTEXT}", timeout=30_000)
+    records = server.frames()
+    assert {r["action"] for r in records if r["generated"]} == {None}
+    assert max(r["frame"] for r in records) == NO_ACTIONS_MAX_FRAMES - 1
 
 
 @pytest.mark.slow

@@ -182,7 +182,7 @@ class PlayServer:
                 "frames": self.stats.frames, "frames_per_second": round(self.stats.frames_per_second(), 2),
                 "connections": self.stats.connections, "refused": self.stats.refused,
                 "ignored_messages": self.stats.ignored_messages, "steps": self.session.steps,
-                "fps_target": self.fps, "model": self.info}
+                "fps_target": self.player.fps if self.player is not None else self.fps, "model": self.info}
 
     def ignored(self, reason: str) -> None:
         self.stats.ignored_messages += 1
