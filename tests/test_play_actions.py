@@ -7,7 +7,7 @@ import pytest
 from scd_train.config import load_config
 from scd_train.errors import InputError
 from scd_train.play.actions import ActionSet, assign_keys, build_action_set, idle_action, parse_script
-from scd_train.play.server import BadMessage, KeyState, parse_message
+from scd_train.play.controls import BadMessage, KeyState, parse_message
 
 
 def _manifest(root, names):
