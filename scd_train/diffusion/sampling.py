@@ -48,6 +48,15 @@ class SamplerSettings:
 
 
 @dataclass
+class FrameTiming:
+    """Wall seconds of the last generated frame: the context pass (SCD: the encoder call; the
+    dense baseline: appending the new frame to its cache) and the denoising steps."""
+
+    encoder: float = 0.0
+    decoder: float = 0.0
+
+
+@dataclass
 class CallCounts:
     """Model calls in a rollout: context passes (SCD: encoder; baseline: cache appends) and
     denoising passes (SCD: decoder; baseline: the whole stack)."""
@@ -80,6 +89,7 @@ class SCDStream:
         self.pending: list[tuple[Tensor, Tensor | None]] = []  # frames not yet encoded, with their actions
         self.frames_encoded = 0
         self.counts = CallCounts()
+        self.last_timing = FrameTiming()
 
     def prefill(self, frames: Tensor, actions: Tensor | None = None) -> None:
         """Queue context frames (B, F, C, H, W); ``actions`` (B, F) are the actions that led to them."""
@@ -89,8 +99,13 @@ class SCDStream:
     @torch.no_grad()
     def next_frame(self, action: Tensor | None = None) -> Tensor:
         """Generate the next frame (B, C, H, W) under ``action`` (B,), and queue it as context."""
+        start = time.perf_counter()
         context_cond, context_uncond = self._encode_pending(action)
+        synchronize(self.device)
+        encoded = time.perf_counter()
         frame = self._denoise(context_cond, context_uncond, action)
+        synchronize(self.device)
+        self.last_timing = FrameTiming(encoded - start, time.perf_counter() - encoded)
         self.pending.append((frame, action))
         return frame
 
@@ -176,6 +191,7 @@ class CausalDiTStream:
         self.cache = model.new_kv_cache(cache_batch, capacity_frames + 1, param.dtype, self.device)
         self.frames_cached = 0
         self.counts = CallCounts()
+        self.last_timing = FrameTiming()
 
     @torch.no_grad()
     def prefill(self, frames: Tensor, actions: Tensor | None = None) -> None:
@@ -184,6 +200,7 @@ class CausalDiTStream:
     @torch.no_grad()
     def next_frame(self, action: Tensor | None = None) -> Tensor:
         cfg = self.model.cfg
+        start = time.perf_counter()
         x = torch.randn((self.batch, cfg.latent_channels, cfg.latent_height, cfg.latent_width),
                         device=self.device, generator=self.generator)
         actions = None if action is None else action[:, None]
@@ -192,8 +209,12 @@ class CausalDiTStream:
             t = sigmas[i].expand(self.batch, 1) * self.settings.num_train_timesteps
             v = self._velocity(x[:, None], t, actions)[:, 0]
             x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
+        synchronize(self.device)
+        denoised = time.perf_counter()
         if self.frames_cached < self.capacity_frames:
             self._commit(x[:, None], actions)
+        synchronize(self.device)
+        self.last_timing = FrameTiming(time.perf_counter() - denoised, denoised - start)
         return x
 
     def _velocity(self, x: Tensor, t: Tensor, actions: Tensor | None) -> Tensor:
