@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import resource
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -14,27 +13,47 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
-from scd_train.checkpoint import CheckpointManager, capture_rng, rank_file, restore_rng
+from scd_train.checkpoint import (
+    CONFIG,
+    TRAINER_STATE,
+    CheckpointManager,
+    DamagedCheckpointError,
+    capture_rng,
+    rank_file,
+    restore_rng,
+)
 from scd_train.config import Config, dump_yaml, to_dict
 from scd_train.data import Batch, build_train_loader
 from scd_train.diffusion.objective import build_objective
 from scd_train.ema import EMA
 from scd_train.env import environment_report
+from scd_train.errors import ScdError
 from scd_train.metrics.flops import detect_peak_tflops, tokens_per_frame, train_step_flops
 from scd_train.metrics.loggers import JsonlWriter, Progress, WandbRun
 from scd_train.metrics.throughput import ThroughputMeter
 from scd_train.models import build_model
-from scd_train.optim import build_param_groups, check_learning_rates, set_learning_rates
+from scd_train.optim import apply_group_settings, build_param_groups, check_learning_rates, set_learning_rates
 from scd_train.parallel.backend import build_backend
 from scd_train.parallel.reshard import reshard_loader_state
 from scd_train.parallel.runtime import Runtime, init_runtime
 from scd_train.precision import prepare_fp8
+from scd_train.resume_policy import Change, check_resume, tensor_shapes
+from scd_train.run_dir import (
+    RunDirLock,
+    acquire_lock,
+    append_resume_record,
+    discard_records_after,
+    prepare_fresh_start,
+)
+from scd_train.stopping import STOP_SIGNALS, StopControl, launcher_ancestors
 from scd_train.weights import load_initial_weights
 
 log = logging.getLogger("scd_train")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+__all__ = ["STOP_SIGNALS", "NonFiniteError", "TrainResult", "TrainState", "Trainer"]
 
 
 class NonFiniteError(RuntimeError):
@@ -76,12 +95,18 @@ def seed_everything(seed: int, rank: int) -> None:
 class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime | None = None) -> None:
         self.cfg = cfg
-        self.runtime = runtime or init_runtime(cfg.train.device)
-        self.run_dir = Path(cfg.train.run_dir)
-        self._prepare_run_dir()
+        t = cfg.train
+        self.runtime = runtime or init_runtime(t.device, t.collective_timeout_s / 60, t.rendezvous_timeout_s)
+        self.run_dir = Path(t.run_dir)
+        # Nothing is written into the run directory before it is ours and the resume is known to be sound.
+        self._claim_run_dir()
+        _configure_logging(self.run_dir, self.runtime.is_main)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints, self.runtime)
+        resume_from = self.checkpoints.find_resumable(set_aside_damaged=True) if t.resume else None
         seed_everything(cfg.train.seed, 0)  # the same initial weights on every rank and world size
         model = build_model(cfg.model)
-        if cfg.train.init_from:
+        self.tensor_shapes = tensor_shapes(model.named_parameters())
+        if cfg.train.init_from and resume_from is None:
             load_initial_weights(model, cfg.train.init_from)  # plain weights, before any FP8 module swap
         self.fp8 = prepare_fp8(model, cfg, self.runtime)  # before the backend wraps or shards it
         self.backend = build_backend(model, build_param_groups(model, cfg.optim), cfg, self.runtime)
@@ -89,49 +114,129 @@ class Trainer:
         self.ema = EMA(self.backend.ema_parameters(), cfg.optim.ema_decay)
         self.objective = build_objective(cfg.model, cfg.diffusion)
         self.loader = build_train_loader(cfg, self.runtime.rank, self.runtime.world_size)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, self.runtime)
         self.state = TrainState()
         self.resumed_from: Path | None = None
-        if cfg.train.resume:
-            self._resume()
-        set_learning_rates(self.backend.optimizer, self.state.step, cfg.optim)
-        check_learning_rates(self.backend.optimizer, self.state.step, cfg.optim)
-        self.stop_requested = False
+        self.config_changes: list[Change] = []
+        if resume_from is not None:
+            self._resume(resume_from)
+        self._apply_optimizer_config()
+        self.discarded_records = self._record_start()
+        self.stop = StopControl(t.stop_grace_s, self._where)
         self.wandb = None
         self.metrics_file = None
 
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop.requested
+
     # -- set-up --------------------------------------------------------------------------------
-    def _prepare_run_dir(self) -> None:
-        if self.runtime.is_main:
+    def _claim_run_dir(self) -> None:
+        """Rank 0 locks the directory and, for a fresh start, makes sure no earlier run is in it."""
+        t = self.cfg.train
+        self._lock: RunDirLock | None = None
+
+        def claim() -> None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = acquire_lock(self.run_dir, t.run_dir_lock_wait_s)
+            if not t.resume:
+                prepare_fresh_start(self.run_dir, t.on_used_run_dir)
+
+        self.runtime.on_main(claim)
+
+    def _record_start(self) -> int:
+        """Write what this run is (config, environment), drop metrics of repeated steps, note the resume."""
+
+        def record() -> int:
             dump_yaml(self.cfg, self.run_dir / "config.yaml")
             (self.run_dir / "env.json").write_text(json.dumps(environment_report(), indent=2))
-        self.runtime.barrier()
-        _configure_logging(self.run_dir, self.runtime.is_main)
+            discarded = discard_records_after(self.run_dir, self.state.step)
+            if self.resumed_from is not None or self.checkpoints.skipped or discarded:
+                append_resume_record(self.run_dir, {
+                    "step": self.state.step, "checkpoint": str(self.resumed_from) if self.resumed_from else None,
+                    "skipped_damaged": {str(p): problems for p, problems in self.checkpoints.skipped},
+                    "changed": {c.key: {"checkpoint": c.saved, "now": c.now} for c in self.config_changes},
+                    "discarded_metrics_records": discarded})
+            return discarded
 
-    def _resume(self) -> None:
-        path = self.runtime.broadcast_object(self.checkpoints.find_resumable())  # one choice for all ranks
-        if path is None:
-            return
-        trainer_state, rank_state = self.checkpoints.load(path, self.backend, self.ema)
-        self.state = TrainState(**{k: trainer_state[k] for k in asdict(TrainState()) if k in trainer_state})
-        if rank_state is None:  # resharded onto another world size
-            saved = torch.load(path / rank_file(0), weights_only=False)["data"]
-            self.loader.load_state_dict(reshard_loader_state(saved, self.runtime.world_size))
-            seed_everything(self.cfg.train.seed + self.state.step, self.runtime.rank)
-        else:
-            self.loader.load_state_dict(rank_state["data"])
-            restore_rng(rank_state["rng"])
+        return self.runtime.on_main(record)
+
+    def _resume(self, path: Path) -> None:
+        """Load ``path`` (every rank the same one); a checkpoint that fails to load is set aside and the
+        next older intact one is tried, so a requeued job does not crash-loop on one damaged save."""
+        while True:
+            self.config_changes = self.runtime.on_main(lambda p=path: self._check_resume(p))
+            problem = self._load(path)
+            if problem is None:
+                break
+            if self.runtime.is_main:
+                log.warning("checkpoint %s could not be loaded (%s): set aside, trying the next older one", path,
+                            problem)
+                self.checkpoints.set_aside(path)
+            self.checkpoints.skipped.append((path, [problem]))
+            failed, path = path, self.checkpoints.find_resumable(set_aside_damaged=True)
+            if path is None:
+                raise DamagedCheckpointError(f"checkpoint {failed} could not be loaded ({problem}) and no older "
+                                             f"intact checkpoint is left under {self.checkpoints.root}")
         self.resumed_from = path
+        for change in self.config_changes:
+            log.warning("resuming with a changed setting: %s", change.line())
         log.info("resumed from %s at step %d", path, self.state.step)
+
+    def _check_resume(self, path: Path) -> list[Change]:
+        """The settings that changed since ``path`` was written; refuses the ones that cannot continue it."""
+        trainer_state = json.loads((path / TRAINER_STATE).read_text())
+        saved_config = None
+        for source in (path / CONFIG, self.run_dir / CONFIG):  # older checkpoints carry no config of their own
+            if source.is_file():
+                saved_config = yaml.safe_load(source.read_text())
+                break
+        return check_resume(str(path), saved_config, to_dict(self.cfg), trainer_state.get("model_tensors"),
+                            self.tensor_shapes, trainer_state.get("world_size"), self.runtime.world_size,
+                            self.backend.supports_reshard)
+
+    def _load(self, path: Path) -> str | None:
+        """Restore everything from ``path``; None on success, else what failed (agreed by all ranks)."""
+        problem = None
+        try:
+            trainer_state, rank_state = self.checkpoints.load(path, self.backend, self.ema)
+            state = TrainState(**{k: trainer_state[k] for k in asdict(TrainState()) if k in trainer_state})
+            if rank_state is None:  # resharded onto another world size
+                saved = torch.load(path / rank_file(0), weights_only=False)["data"]
+                self.loader.load_state_dict(reshard_loader_state(saved, self.runtime.world_size))
+                seed_everything(self.cfg.train.seed + state.step, self.runtime.rank)
+            else:
+                self.loader.load_state_dict(rank_state["data"])
+                restore_rng(rank_state["rng"])
+            self.state = state
+        except ScdError:
+            raise
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+            problem = f"rank {self.runtime.rank}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+        problems = [p for p in self.runtime.all_gather_object(problem) if p]
+        return "; ".join(problems) if problems else None
+
+    def _apply_optimizer_config(self) -> None:
+        """The config's rates and hyper-parameters in every optimizer group, whatever a checkpoint restored."""
+        changed = apply_group_settings(self.backend.optimizer, self.cfg.optim)
+        for name, (before, after) in changed.items():
+            log.warning("optimizer group '%s': base learning rate %.3e from the checkpoint -> %.3e from the config "
+                        "(optim.lr x ratio), applied from step %d on", name, before, after, self.state.step)
+        set_learning_rates(self.backend.optimizer, self.state.step, self.cfg.optim)
+        check_learning_rates(self.backend.optimizer, self.state.step, self.cfg.optim)
 
     def _open_loggers(self) -> None:
         if not self.runtime.is_main:
             return
         self.metrics_file = JsonlWriter(self.run_dir / "metrics.jsonl")
         log_cfg = self.cfg.log
+        run_id = self.state.wandb_run_id
+        if run_id is not None and self.discarded_records:
+            # wandb cannot rewind a run: the repeated steps would keep the discarded values there
+            log.warning("wandb run %s holds steps after %d from training this resume repeats; logging to a new "
+                        "wandb run (the old one stays as it is)", run_id, self.state.step)
+            run_id = None
         self.wandb = WandbRun(log_cfg.wandb, self.run_dir, log_cfg.wandb_project,
-                              log_cfg.wandb_name or self.run_dir.name, to_dict(self.cfg), self.state.wandb_run_id)
+                              log_cfg.wandb_name or self.run_dir.name, to_dict(self.cfg), run_id)
         self.state.wandb_run_id = self.wandb.run_id
 
     # -- the loop ------------------------------------------------------------------------------
@@ -147,9 +252,11 @@ class Trainer:
         losses: list[tuple[int, float]] = []
         window: list[torch.Tensor] = []
         status = "finished"
-        with self._stop_signals():
+        self.stop.watch = launcher_ancestors()
+        with self.stop:
             while self.state.step < cfg.train.steps:
                 record = self._train_step(batches, meter, window)
+                self.stop.reached_boundary()
                 progress.update()
                 if self._due(cfg.log.every) or self.state.step == cfg.train.steps:
                     record.update(self._window_metrics(meter, window))
@@ -165,6 +272,8 @@ class Trainer:
                     self.save()
         progress.close()
         self._close_loggers()
+        if self._lock is not None:
+            self._lock.release()
         return TrainResult(status, self.state.step, self.run_dir, losses)
 
     def _train_step(self, batches: Iterator[Batch], meter: ThroughputMeter, window: list) -> dict:
@@ -237,29 +346,21 @@ class Trainer:
         return every > 0 and self.state.step % every == 0
 
     # -- stopping and saving -------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _stop_signals(self):
-        def request_stop(signum, frame):  # noqa: ARG001
-            log.warning("received signal %d: saving at the next step boundary", signum)
-            self.stop_requested = True
-
-        previous = {}
-        for sig in STOP_SIGNALS:
-            with contextlib.suppress(ValueError):  # not the main thread
-                previous[sig] = signal.signal(sig, request_stop)
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def _where(self) -> str:
+        complete = self.checkpoints.complete_checkpoints() if self.runtime.is_main else []
+        newest = complete[-1].name if complete else "none"
+        return f"the run is at step {self.state.step}, its newest complete checkpoint is {newest}"
 
     def save(self) -> Path:
         if not self._parameters_finite():
             raise NonFiniteError(f"refusing to checkpoint non-finite parameters at step {self.state.step}")
         rank_state = {"rng": capture_rng(), "data": self.loader.state_dict()}
         trainer_state = {**asdict(self.state), "world_size": self.runtime.world_size,
-                         "backend": self.cfg.train.backend, "time": time.time()}
-        path = self.checkpoints.save(self.state.step, self.backend, self.ema, trainer_state, rank_state)
+                         "backend": self.cfg.train.backend, "time": time.time(), "model_tensors": self.tensor_shapes}
+        config_text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        with self.stop.saving():
+            path = self.checkpoints.save(self.state.step, self.backend, self.ema, trainer_state, rank_state,
+                                         texts={CONFIG: config_text})
         log.info("saved checkpoint %s", path)
         return path
 
