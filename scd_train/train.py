@@ -38,15 +38,27 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"scd-train: {exc}", file=sys.stderr)
         return 2
+    from scd_train.parallel.launch_env import LaunchEnvError, read_launch_env
+
+    try:
+        read_launch_env(os.environ)  # a broken launch fails in a second, before the heavy imports
+    except LaunchEnvError as exc:
+        print(f"scd-train: {exc}", file=sys.stderr)
+        return 2
     from scd_train.data.manifest import ManifestError
+    from scd_train.errors import ScdError
     from scd_train.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)
-    # settings that only fail against the model, the data or the hardware (e.g. FP8, a shard manifest)
+    # settings that only fail against the model, the data or the hardware (e.g. FP8, a shard manifest),
+    # and a run directory, resume or launch environment that cannot be used as given
     except (ConfigError, ManifestError) as exc:
         print(f"scd-train: {exc}", file=sys.stderr)
         return 2
+    except ScdError as exc:
+        print(f"scd-train: {exc}", file=sys.stderr)
+        return exc.exit_code
     # On an error there is no closing barrier: other ranks may be blocked in a collective, and
     # the launcher tears them down once this process exits non-zero.
     result = trainer.run()

@@ -17,7 +17,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scd_train.checkpoint import CheckpointManager
+from scd_train.checkpoint import CheckpointManager, DamagedCheckpointError, verify_checkpoint
 from scd_train.config import Config, ConfigError, config_from_text, load_config
 from scd_train.models import build_model
 
@@ -28,6 +28,9 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
         path = Path(checkpoint)
         if not (path / "COMPLETE").is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+        problems = verify_checkpoint(path)
+        if problems:
+            raise DamagedCheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems[:5])}")
         return path
 
     class _Local:

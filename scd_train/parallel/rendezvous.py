@@ -45,6 +45,8 @@ class _Clock:
         self.start = time.monotonic()
         self.timeout_s = timeout_s
         self._last_report = self.start
+        # a short time-out still gets a few progress lines before it ends
+        self.report_every_s = min(REPORT_EVERY_S, max(1.0, timeout_s / 4))
 
     @property
     def waited(self) -> float:
@@ -55,7 +57,7 @@ class _Clock:
 
     def report_due(self) -> bool:
         now = time.monotonic()
-        if now - self._last_report >= REPORT_EVERY_S:
+        if now - self._last_report >= self.report_every_s:
             self._last_report = now
             return True
         return False

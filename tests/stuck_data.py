@@ -1,0 +1,46 @@
+"""Start ``scd_train.train`` with a data source that never yields a batch.
+
+Stands in for any loop that makes no progress (a reader blocked on storage, a spinning loader): the
+first ``next()`` prints a marker and then spins in Python forever, as a loader with a nonsensical
+batch size once did. A stop request must still end such a run within ``train.stop_grace_s``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import scd_train.trainer as trainer_module
+
+STUCK_MARKER = "data source stuck"
+
+
+class NeverYields:
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        print(STUCK_MARKER, file=sys.stderr, flush=True)
+        while True:
+            pass
+        yield  # pragma: no cover - a generator that never gets here
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+_build_loader = trainer_module.build_train_loader
+
+
+def _never_yielding_loader(cfg, rank=0, world_size=1):
+    return NeverYields(_build_loader(cfg, rank, world_size))
+
+
+trainer_module.build_train_loader = _never_yielding_loader
+
+if __name__ == "__main__":
+    from scd_train.train import main
+
+    sys.exit(main(sys.argv[1:]))
