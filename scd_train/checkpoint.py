@@ -136,7 +136,7 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep = keep
         self.runtime = runtime if runtime is not None else LocalRuntime()
-        # (checkpoint, problems) of every damaged checkpoint the last find_resumable passed over
+        # (checkpoint, problems) of every damaged checkpoint passed over so far
         self.skipped: list[tuple[Path, list[str]]] = []
 
     # -- collectives that degrade to local calls without a process group ------------------------
@@ -244,8 +244,8 @@ class CheckpointManager:
     def find_resumable(self, set_aside_damaged: bool = False) -> Path | None:
         """The newest complete checkpoint whose files are intact. Damaged ones are skipped with a
         warning naming what is wrong (and renamed ``*.damaged`` when ``set_aside_damaged``); when
-        every complete checkpoint is damaged, DamagedCheckpointError names them all."""
-        self.skipped = []
+        every complete checkpoint is damaged, DamagedCheckpointError names them all (and any skipped
+        before by this manager)."""
         for path in self._broadcast(self._candidates() if self.runtime.is_main else None):
             problems = self.verify(path)
             if not problems:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import resource
 import time
@@ -14,40 +13,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch.distributed.checkpoint.api import CheckpointException
 
-from scd_train.checkpoint import (
-    CONFIG,
-    TRAINER_STATE,
-    CheckpointManager,
-    DamagedCheckpointError,
-    capture_rng,
-    rank_file,
-    restore_rng,
-)
-from scd_train.config import Config, dump_yaml, to_dict
+from scd_train.checkpoint import CONFIG, CheckpointManager, capture_rng
+from scd_train.config import Config, to_dict
 from scd_train.data import Batch, build_train_loader
 from scd_train.diffusion.objective import build_objective
 from scd_train.ema import EMA
-from scd_train.env import environment_report
-from scd_train.errors import ScdError
 from scd_train.metrics.flops import detect_peak_tflops, tokens_per_frame, train_step_flops
 from scd_train.metrics.loggers import JsonlWriter, Progress, WandbRun
 from scd_train.metrics.throughput import ThroughputMeter
 from scd_train.models import build_model
 from scd_train.optim import apply_group_settings, build_param_groups, check_learning_rates, set_learning_rates
 from scd_train.parallel.backend import build_backend
-from scd_train.parallel.reshard import reshard_loader_state
 from scd_train.parallel.runtime import Runtime, init_runtime
 from scd_train.precision import prepare_fp8
-from scd_train.resume_policy import Change, check_resume, tensor_shapes
-from scd_train.run_dir import (
-    RunDirLock,
-    acquire_lock,
-    append_resume_record,
-    discard_records_after,
-    prepare_fresh_start,
-)
+from scd_train.resume import claim_run_dir, record_start, restore
+from scd_train.resume_policy import Change, tensor_shapes
 from scd_train.stopping import STOP_SIGNALS, StopControl, launcher_ancestors
 from scd_train.weights import load_initial_weights
 
@@ -99,7 +80,7 @@ class Trainer:
         self.runtime = runtime or init_runtime(t.device, t.collective_timeout_s / 60, t.rendezvous_timeout_s)
         self.run_dir = Path(t.run_dir)
         # Nothing is written into the run directory before it is ours and the resume is known to be sound.
-        self._claim_run_dir()
+        self._lock = claim_run_dir(t, self.runtime)
         _configure_logging(self.run_dir, self.runtime.is_main)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints, self.runtime)
         resume_from = self.checkpoints.find_resumable(set_aside_damaged=True) if t.resume else None
@@ -118,9 +99,15 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.config_changes: list[Change] = []
         if resume_from is not None:
-            self._resume(resume_from)
+            restored = restore(resume_from, self.checkpoints, cfg, self.runtime, self.backend, self.ema, self.loader,
+                               self.tensor_shapes, lambda step: seed_everything(t.seed + step, self.runtime.rank))
+            saved = restored.trainer_state
+            self.state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if k in saved})
+            self.resumed_from, self.config_changes = restored.path, restored.changes
+            log.info("resumed from %s at step %d", restored.path, self.state.step)
         self._apply_optimizer_config()
-        self.discarded_records = self._record_start()
+        self.discarded_records = record_start(cfg, self.runtime, self.state.step,
+                                              restored if resume_from is not None else None, self.checkpoints.skipped)
         self.stop = StopControl(t.stop_grace_s, self._where)
         self.wandb = None
         self.metrics_file = None
@@ -130,91 +117,6 @@ class Trainer:
         return self.stop.requested
 
     # -- set-up --------------------------------------------------------------------------------
-    def _claim_run_dir(self) -> None:
-        """Rank 0 locks the directory and, for a fresh start, makes sure no earlier run is in it."""
-        t = self.cfg.train
-        self._lock: RunDirLock | None = None
-
-        def claim() -> None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._lock = acquire_lock(self.run_dir, t.run_dir_lock_wait_s)
-            if not t.resume:
-                prepare_fresh_start(self.run_dir, t.on_used_run_dir)
-
-        self.runtime.on_main(claim)
-
-    def _record_start(self) -> int:
-        """Write what this run is (config, environment), drop metrics of repeated steps, note the resume."""
-
-        def record() -> int:
-            dump_yaml(self.cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "env.json").write_text(json.dumps(environment_report(), indent=2))
-            discarded = discard_records_after(self.run_dir, self.state.step)
-            if self.resumed_from is not None or self.checkpoints.skipped or discarded:
-                append_resume_record(self.run_dir, {
-                    "step": self.state.step, "checkpoint": str(self.resumed_from) if self.resumed_from else None,
-                    "skipped_damaged": {str(p): problems for p, problems in self.checkpoints.skipped},
-                    "changed": {c.key: {"checkpoint": c.saved, "now": c.now} for c in self.config_changes},
-                    "discarded_metrics_records": discarded})
-            return discarded
-
-        return self.runtime.on_main(record)
-
-    def _resume(self, path: Path) -> None:
-        """Load ``path`` (every rank the same one); a checkpoint that fails to load is set aside and the
-        next older intact one is tried, so a requeued job does not crash-loop on one damaged save."""
-        while True:
-            self.config_changes = self.runtime.on_main(lambda p=path: self._check_resume(p))
-            problem = self._load(path)
-            if problem is None:
-                break
-            if self.runtime.is_main:
-                log.warning("checkpoint %s could not be loaded (%s): set aside, trying the next older one", path,
-                            problem)
-                self.checkpoints.set_aside(path)
-            self.checkpoints.skipped.append((path, [problem]))
-            failed, path = path, self.checkpoints.find_resumable(set_aside_damaged=True)
-            if path is None:
-                raise DamagedCheckpointError(f"checkpoint {failed} could not be loaded ({problem}) and no older "
-                                             f"intact checkpoint is left under {self.checkpoints.root}")
-        self.resumed_from = path
-        for change in self.config_changes:
-            log.warning("resuming with a changed setting: %s", change.line())
-        log.info("resumed from %s at step %d", path, self.state.step)
-
-    def _check_resume(self, path: Path) -> list[Change]:
-        """The settings that changed since ``path`` was written; refuses the ones that cannot continue it."""
-        trainer_state = json.loads((path / TRAINER_STATE).read_text())
-        saved_config = None
-        for source in (path / CONFIG, self.run_dir / CONFIG):  # older checkpoints carry no config of their own
-            if source.is_file():
-                saved_config = yaml.safe_load(source.read_text())
-                break
-        return check_resume(str(path), saved_config, to_dict(self.cfg), trainer_state.get("model_tensors"),
-                            self.tensor_shapes, trainer_state.get("world_size"), self.runtime.world_size,
-                            self.backend.supports_reshard)
-
-    def _load(self, path: Path) -> str | None:
-        """Restore everything from ``path``; None on success, else what failed (agreed by all ranks)."""
-        problem = None
-        try:
-            trainer_state, rank_state = self.checkpoints.load(path, self.backend, self.ema)
-            state = TrainState(**{k: trainer_state[k] for k in asdict(TrainState()) if k in trainer_state})
-            if rank_state is None:  # resharded onto another world size
-                saved = torch.load(path / rank_file(0), weights_only=False)["data"]
-                self.loader.load_state_dict(reshard_loader_state(saved, self.runtime.world_size))
-                seed_everything(self.cfg.train.seed + state.step, self.runtime.rank)
-            else:
-                self.loader.load_state_dict(rank_state["data"])
-                restore_rng(rank_state["rng"])
-            self.state = state
-        except ScdError:
-            raise
-        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-            problem = f"rank {self.runtime.rank}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
-        problems = [p for p in self.runtime.all_gather_object(problem) if p]
-        return "; ".join(problems) if problems else None
-
     def _apply_optimizer_config(self) -> None:
         """The config's rates and hyper-parameters in every optimizer group, whatever a checkpoint restored."""
         changed = apply_group_settings(self.backend.optimizer, self.cfg.optim)
