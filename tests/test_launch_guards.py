@@ -131,3 +131,38 @@ def test_workers_of_a_killed_torchrun_save_and_stop(repo_root, python_exe, subpr
     train_log = (run_dir / "train.log").read_text()
     assert "the launcher that started this process exited" in train_log
     assert f"saved checkpoint {saved}" in train_log
+
+
+def test_a_stop_is_requested_when_a_deepspeed_style_launcher_above_dies(python_exe, subprocess_env, tmp_path):
+    """The `deepspeed` command dies on SIGTERM while its workers train on: a worker watches the launcher
+    processes above it and turns the exit of any of them into a stop request."""
+    child_out = tmp_path / "child.out"
+    child = (
+        "import sys, time\n"
+        "from scd_train.stopping import StopControl, launcher_ancestors\n"
+        f"out = open({str(child_out)!r}, 'w', buffering=1)\n"
+        "chain = launcher_ancestors()\n"
+        "print('watching', [p.command.split()[1] for p in chain], file=out)\n"
+        "with StopControl(0, watch=chain) as stop:\n"
+        "    deadline = time.monotonic() + 60\n"
+        "    while not stop.requested and time.monotonic() < deadline:\n"
+        "        time.sleep(0.05)\n"
+        "print('stop:', stop.reason, file=out)\n")
+    launcher = tmp_path / "deepspeed"  # a launcher script of that name: what the `deepspeed` command is
+    launcher.write_text(f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {child!r}])\n")
+    proc = subprocess.Popen([python_exe, str(launcher)], env=subprocess_env)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while "watching" not in (child_out.read_text() if child_out.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert f"watching ['{launcher}']" in child_out.read_text()
+        proc.kill()  # SIGKILL: the launcher is gone, its child is not
+        proc.wait()
+        while "stop:" not in child_out.read_text():
+            assert time.monotonic() < deadline, child_out.read_text()
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert f"stop: the launcher that started this process exited (pid {proc.pid}" in child_out.read_text()
