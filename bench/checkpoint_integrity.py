@@ -1,6 +1,6 @@
 """What checkpoint file digests cost: SHA-256 at save and verification at resume, next to the I/O.
 
-    python bench/checkpoint_integrity.py                          # CPU: tiny and a 40M-parameter SCD
+    python bench/checkpoint_integrity.py                          # CPU: tiny and a 64M-parameter SCD
     python bench/checkpoint_integrity.py --presets medium --repeats 5
 
 Each preset builds a real model, optimizer (one AdamW step, so its moments exist) and EMA on the
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 PRESETS = {
     "tiny": ("configs/tiny.yaml", []),
-    # SCD-M's width and heads with 2 + 1 blocks: about 40M parameters, 0.6 GB of checkpoint
+    # SCD-M's width and heads with 2 + 1 blocks: about 64M parameters, 1 GB of checkpoint
     "medium": ("configs/scd_m.yaml", ["model.encoder_layers=2", "model.decoder_layers=1"]),
 }
 
