@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from scd_train.checkpoint import CheckpointManager, step_of
 
@@ -98,6 +99,7 @@ def test_a_missing_peer_is_named_within_the_rendezvous_time_out(repo_root, pytho
     assert "scd-train: rank 1/2: rank 0 did not open the rendezvous" in err1
 
 
+@pytest.mark.slow
 def test_workers_of_a_killed_torchrun_save_and_stop(repo_root, python_exe, subprocess_env, tmp_path):
     """kill -9 of torchrun's process group leaves its workers (they run in sessions of their own):
     they notice the launcher is gone, save at the next step boundary together and exit."""
