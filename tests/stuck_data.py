@@ -31,16 +31,18 @@ class NeverYields:
         self.loader.load_state_dict(state)
 
 
-_build_loader = trainer_module.build_train_loader
+def main(argv: list[str]) -> int:
+    """``scd_train.train.main`` with the never-yielding data source (patched here only, never on import)."""
+    build_loader = trainer_module.build_train_loader
 
+    def never_yielding_loader(cfg, rank=0, world_size=1):
+        return NeverYields(build_loader(cfg, rank, world_size))
 
-def _never_yielding_loader(cfg, rank=0, world_size=1):
-    return NeverYields(_build_loader(cfg, rank, world_size))
+    trainer_module.build_train_loader = never_yielding_loader
+    from scd_train.train import main as train_main
 
+    return train_main(argv)
 
-trainer_module.build_train_loader = _never_yielding_loader
 
 if __name__ == "__main__":
-    from scd_train.train import main
-
     sys.exit(main(sys.argv[1:]))
