@@ -179,8 +179,21 @@ class TrainConfig:
     # Recompute each transformer block in backward to save activation memory.
     activation_checkpointing: bool = False
     run_dir: str = "runs/default"
-    # Resume from the latest complete checkpoint in run_dir when one exists.
+    # Resume from the newest intact checkpoint in run_dir when one exists.
     resume: bool = True
+    # resume=false in a run_dir that already holds a run (checkpoints or metrics): "refuse" the start,
+    # "archive" the old run under run_dir/archive/<time>/ first, or "overwrite" (delete) it.
+    on_used_run_dir: Literal["refuse", "archive", "overwrite"] = "refuse"
+    # Seconds to wait for another process holding run_dir (e.g. a previous job still saving) to end.
+    run_dir_lock_wait_s: float = 120.0
+    # Seconds a stop request (SIGTERM/SIGUSR2, a vanished launcher) waits for the next step boundary
+    # before the process exits without saving; checkpoint writes do not count. 0 waits forever.
+    stop_grace_s: float = 120.0
+    # Seconds every rank waits for the others to join the process group before it stops, naming
+    # the missing ranks (not used under torchrun, whose agent gathers the workers itself).
+    rendezvous_timeout_s: float = 300.0
+    # Seconds a collective (all-reduce, barrier, a checkpoint's gather) may wait for a peer.
+    collective_timeout_s: float = 1800.0
     # safetensors weights (e.g. from scd-convert) loaded into the model before training starts;
     # ignored once run_dir holds a checkpoint to resume from.
     init_from: str | None = None
@@ -542,6 +555,14 @@ def validate(cfg: Config) -> None:
     _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _require(len(o.betas) == 2, f"optim.betas={o.betas} must have two entries")
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
+    _require(cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be >= 1 (clips per rank and "
+                                       "micro-batch)")
+    _require(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    _require(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
+    for name in ("run_dir_lock_wait_s", "stop_grace_s"):
+        _require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0")
+    for name in ("rendezvous_timeout_s", "collective_timeout_s"):
+        _require(getattr(t, name) > 0, f"train.{name}={getattr(t, name)} must be > 0 (seconds)")
     _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
     if cfg.data.source != "synthetic":
         _require(cfg.data.path is not None, f"data.source={cfg.data.source!r} needs data.path (the shard directory)")

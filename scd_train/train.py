@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     for note in ignored_settings(cfg):
         warnings.warn(note, ScdWarning, stacklevel=1)
     preflight(cfg)
+    from scd_train.parallel.launch_env import read_launch_env
+
+    read_launch_env(os.environ)  # a broken launch fails in a second, before the heavy imports
     from scd_train.trainer import Trainer
 
     # Every failure with a message (config, data, hardware, a diverged loss) is a ScdError that the

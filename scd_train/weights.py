@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from scd_train.checkpoint import CheckpointManager
+from scd_train.checkpoint import CheckpointManager, DamagedCheckpointError, verify_checkpoint
 from scd_train.cli import command
 from scd_train.config import Config, config_from_text, load_config
 from scd_train.errors import InputError, MissingInput
@@ -37,6 +37,9 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
             raise MissingInput(f"--checkpoint {path} does not exist")
         if not (path / "COMPLETE").is_file():
             raise MissingInput(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+        problems = verify_checkpoint(path)
+        if problems:
+            raise DamagedCheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems[:5])}")
         return path
 
     class _Local:

@@ -21,6 +21,7 @@ Stopping and requeueing is split between the trainer and submitit:
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import os
 import re
@@ -102,11 +103,14 @@ class TrainingJob(submitit.helpers.Checkpointable):
         handler.checkpoint_and_try_requeue(sig)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission | None:
-        """Resubmission for a requeue: the same run; the trainer resumes from its latest checkpoint."""
+        """Resubmission for a requeue: the same run, always resumed (a requeue of a run started with
+        train.resume=false must continue it, never archive or overwrite what it saved)."""
         if self.finished:
             log.info("training finished; not requeueing")
             return None
-        return submitit.helpers.DelayedSubmission(TrainingJob(self.cfg, self.storage_env), *args, **kwargs)
+        cfg = copy.deepcopy(self.cfg)
+        cfg.train.resume = True
+        return submitit.helpers.DelayedSubmission(TrainingJob(cfg, self.storage_env), *args, **kwargs)
 
 
 def job_continues_after_stop() -> bool:

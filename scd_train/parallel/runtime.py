@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-from scd_train.errors import InputError
+from scd_train.errors import InputError, RunFailure, ScdError
+from scd_train.parallel.launch_env import read_launch_env
+from scd_train.parallel.rendezvous import rendezvous
+
+T = TypeVar("T")
 
 
 class LaunchEnvironmentError(InputError):
-    """The process's launch environment (device, RANK, WORLD_SIZE, rendezvous) cannot run this config."""
+    """The process's device or launch environment cannot run this config."""
 
     # the rank numbering itself may be what is wrong (no process may be rank 0): every process says so
     rank_local = True
@@ -61,6 +67,23 @@ class Runtime:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on rank 0 only, its result on every rank; when it raises, every rank raises
+        (the same ScdError, or a RunFailure naming rank 0's error), so no rank waits for a peer that quit."""
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ("ok", fn())
+            except ScdError as exc:
+                outcome = ("raise", exc)
+            except BaseException as exc:
+                self.broadcast_object(("raise", RunFailure(f"rank 0 failed: {type(exc).__name__}: {exc}")))
+                raise
+        kind, value = self.broadcast_object(outcome)
+        if kind == "raise":
+            raise value
+        return value
+
     @property
     def collective_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -103,42 +126,27 @@ def check_device_option(text: str, option: str = "--device") -> torch.device:
     return device
 
 
-def init_runtime(device_choice: str = "auto", timeout_minutes: float = 30.0) -> Runtime:
+def init_runtime(device_choice: str = "auto", timeout_minutes: float = 30.0,
+                 rendezvous_timeout_s: float = 300.0) -> Runtime:
     """Join the process group described by the launcher's environment (torchrun, deepspeed,
-    SLURM via our launcher); a plain ``python`` start is a single process."""
-    tasks = _env_int("SLURM_STEP_NUM_TASKS", 1)
-    if tasks > 1 and "WORLD_SIZE" not in os.environ:
-        # srun started several copies that would each train alone, into the same run directory
-        raise LaunchEnvironmentError(f"SLURM started {tasks} tasks (SLURM_STEP_NUM_TASKS) but WORLD_SIZE is unset, so "
-                                     "each would train alone; submit with launchers/slurm.py, or export RANK, "
-                                     "LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in every task")
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
-        raise LaunchEnvironmentError(f"RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world_size} do not describe "
-                                     "a process of the job (need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0)")
-    device = resolve_device(device_choice, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        for var in ("MASTER_ADDR", "MASTER_PORT"):
-            if var not in os.environ:
-                raise LaunchEnvironmentError(f"WORLD_SIZE={world_size} but {var} is unset; start with torchrun, "
-                                             "the deepspeed launcher or launchers/slurm.py")
+    SLURM via our launcher); a plain ``python`` start is a single process.
+
+    The environment is checked first (scd_train.parallel.launch_env); the rendezvous then waits at
+    most ``rendezvous_timeout_s`` for the other ranks, saying which are missing, and collectives
+    time out after ``timeout_minutes``.
+    """
+    env = read_launch_env(os.environ)
+    device = resolve_device(device_choice, env.local_rank)
+    if env.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
-    return Runtime(rank, world_size, local_rank, device)
-
-
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name)
-    if text is None or text == "":
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise LaunchEnvironmentError(f"{name}={text!r} in the environment is not an integer") from None
+        options = {"rank": env.rank, "world_size": env.world_size,
+                   "timeout": datetime.timedelta(minutes=timeout_minutes),
+                   "device_id": device if device.type == "cuda" else None}
+        if env.torchrun:  # torchrun's agent gathered the workers and hosts the store
+            dist.init_process_group(backend, **options)
+        else:
+            dist.init_process_group(backend, store=rendezvous(env, rendezvous_timeout_s), **options)
+    return Runtime(env.rank, env.world_size, env.local_rank, device)
 
 
 def ensure_process_group(runtime: Runtime) -> None:
