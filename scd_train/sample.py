@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scd_train.config import ConfigError
+from scd_train.cli import command
 from scd_train.data.holdout import holdout_clip_frames, holdout_clips
 from scd_train.diffusion.sampling import Rollout, SamplerSettings, check_rollout_length, generate
 from scd_train.errors import InputError
@@ -40,6 +40,31 @@ class SampleRequest:
     # decoder loop: auto / on / off; None uses diffusion.sample_compile
     compile: str | None = None
 
+    def check(self) -> None:
+        """Refuse requests that cannot produce what they ask for, before any model is loaded."""
+        for name in ("clips", "context", "unroll"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name} {getattr(self, name)} must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            raise InputError(f"--steps {self.steps} must be at least 1 (0 would return pure noise)")
+        if self.cfg_scale is not None and self.cfg_scale < 0:
+            raise InputError(f"--cfg-scale {self.cfg_scale} must be >= 0")
+
+    def check_model(self, cfg) -> None:
+        """Refuse requests the model cannot serve (positional range, guidance it has no branch for)."""
+        frames = self.context + self.unroll
+        if cfg.model.encoder_window is None and frames > cfg.model.max_frames:  # a windowed model streams on
+            raise InputError(f"--context {self.context} + --unroll {self.unroll} = {frames} frames exceed the model's "
+                             f"model.max_frames={cfg.model.max_frames}; ask for at most {cfg.model.max_frames} frames, "
+                             "or use a model trained with model.encoder_window set")
+        scale = cfg.diffusion.cfg_scale if self.cfg_scale is None else self.cfg_scale
+        mode = self.cfg_mode or cfg.diffusion.cfg_mode
+        if scale != 1.0 and mode == "decoder" and cfg.model.arch == "causal_dit":
+            raise InputError("--cfg-mode decoder: the dense baseline has no encoder context to perturb; "
+                             "use --cfg-mode action")
+        if scale != 1.0 and mode == "action" and cfg.model.num_actions == 0:
+            raise InputError("--cfg-mode action needs an action-conditioned model (this one has model.num_actions=0)")
+
 
 def rollout_clips(model, cfg, request: SampleRequest, device: torch.device | str = "cpu"):
     """Generate continuations of the first ``request.clips`` held-out clips.
@@ -52,9 +77,15 @@ def rollout_clips(model, cfg, request: SampleRequest, device: torch.device | str
     if request.context > available:
         raise InputError(f"--context {request.context} needs held-out clips of at least {request.context} frames; "
                          f"the held-out data has clips of {available}")
-    clips, codec = holdout_clips(cfg, min(request.context + request.unroll, available))
-    count = min(request.clips, len(clips))
-    batch = clips.collate(list(range(count)))
+    frames = min(request.context + request.unroll, available)
+    clips, codec = holdout_clips(cfg, frames)
+    if request.clips > len(clips):
+        from scd_train.data.shards import MAX_HOLDOUT_CLIPS
+
+        cap = f" (at most {MAX_HOLDOUT_CLIPS} are read)" if len(clips) == MAX_HOLDOUT_CLIPS else ""
+        raise InputError(f"--clips {request.clips}: the held-out data provides {len(clips)} clips of "
+                         f"{frames} frames{cap}; ask for at most {len(clips)}")
+    batch = clips.collate(list(range(request.clips)))
     settings = SamplerSettings(
         steps=request.steps or cfg.diffusion.sample_steps,
         cfg_scale=cfg.diffusion.cfg_scale if request.cfg_scale is None else request.cfg_scale,
@@ -97,6 +128,7 @@ def write_samples(truth_latents: torch.Tensor, rollout: Rollout, codec, context:
     return written
 
 
+@command("scd-sample")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scd-sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="a run directory or an exported .safetensors file")
@@ -115,21 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="default: <run_dir>/samples")
     args = parser.parse_args(argv)
-    from scd_train.data.manifest import ManifestError
+    from scd_train.parallel.runtime import check_device_option
     from scd_train.weights import load_model
 
-    try:
-        model, cfg = load_model(args.source, args.checkpoint, use_ema=not args.raw, device=args.device)
-    except (FileNotFoundError, KeyError, ConfigError) as exc:
-        print(f"scd-sample: {exc}", file=sys.stderr)
-        return 2
     request = SampleRequest(args.clips, args.context, args.unroll, args.steps, args.cfg_scale, args.cfg_mode,
                             args.seed, args.compile)
-    try:
-        batch, rollout, codec = rollout_clips(model, cfg, request, args.device)
-    except (ManifestError, InputError) as exc:  # held-out shards missing; a rollout the model cannot run
-        print(f"scd-sample: {exc}", file=sys.stderr)
-        return 2
+    request.check()
+    check_device_option(args.device)
+    model, cfg = load_model(args.source, args.checkpoint, use_ema=not args.raw, device=args.device)
+    request.check_model(cfg)
+    batch, rollout, codec = rollout_clips(model, cfg, request, args.device)
     out = args.out or (args.source if args.source.is_dir() else args.source.parent) / "samples"
     paths = write_samples(batch.latents, rollout, codec, args.context, out, batch.keys)
     print(f"{len(batch.keys)} clips, {args.unroll} frames each: first frame {rollout.first_frame_seconds:.3f}s, "

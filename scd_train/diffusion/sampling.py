@@ -115,7 +115,7 @@ class SCDStream:
     def __init__(self, model: SCDModel, settings: SamplerSettings, batch: int, capacity_frames: int | None = None,
                  generator: torch.Generator | None = None) -> None:
         if settings.guided and settings.cfg_mode == "action" and model.cfg.num_actions == 0:
-            raise ValueError("cfg_mode='action' needs an action-conditioned model (model.num_actions > 0)")
+            raise InputError("cfg_mode='action' needs an action-conditioned model (model.num_actions > 0)")
         self.model = model
         self.settings = settings
         self.generator = generator
@@ -263,9 +263,9 @@ class CausalDiTStream:
     def __init__(self, model: CausalDiT, settings: SamplerSettings, batch: int, capacity_frames: int | None = None,
                  generator: torch.Generator | None = None) -> None:
         if settings.guided and settings.cfg_mode != "action":
-            raise ValueError("the dense baseline has no encoder context to perturb: use cfg_mode='action'")
+            raise InputError("the dense baseline has no encoder context to perturb: use cfg_mode='action'")
         if settings.guided and model.cfg.num_actions == 0:
-            raise ValueError("cfg_mode='action' needs an action-conditioned model (model.num_actions > 0)")
+            raise InputError("cfg_mode='action' needs an action-conditioned model (model.num_actions > 0)")
         self.model = model
         self.settings = settings
         self.generator = generator

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from scd_train.config import ConfigError, to_dict
+from scd_train.cli import command
+from scd_train.config import to_dict
+from scd_train.errors import InputError, ScdWarning
 from scd_train.eval.protocol import PRESETS, EvalProtocol, build_protocol
 
 PROTOCOL_FLAGS = ("context", "unroll", "trajectories", "clips", "batch_clips", "steps", "cfg_scale", "seed",
                   "compat", "mp4_crf", "horizons", "compile")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(InputError):
     """Bad command-line input: reported as one line and exit status 2."""
 
 
@@ -108,16 +111,20 @@ def run(args: argparse.Namespace) -> int:
     from scd_train.eval.evaluate import evaluate
     from scd_train.eval.report import flat_scalars, log_to_wandb, print_table, write_json
     from scd_train.eval.sheets import write_contact_sheet, write_grid_videos
+    from scd_train.parallel.runtime import check_device_option
 
     if args.scd is None and args.baseline is None:
         raise EvalInputError("give --scd and/or --baseline (a run directory or an exported .safetensors)")
+    if args.sheet_clips < 0:
+        raise EvalInputError(f"--sheet-clips {args.sheet_clips} must be >= 0")
+    check_device_option(args.device)
     protocol = build_protocol(args.preset, {n: getattr(args, n) for n in PROTOCOL_FLAGS})
     nets = load_feature_networks(args, protocol)
     candidates = load_candidates(args, protocol)
     clips, decode = holdout_eval_clips(candidates[0].cfg, protocol.frames, protocol.clips)
     if len(clips) < protocol.clips:
-        print(f"scd-eval: warning: the protocol asks for {protocol.clips} clips but the held-out data provides "
-              f"{len(clips)}; evaluating {len(clips)}", file=sys.stderr)
+        warnings.warn(f"the protocol asks for {protocol.clips} clips but the held-out data provides "
+                      f"{len(clips)}; evaluating {len(clips)}", ScdWarning, stacklevel=1)
     result = evaluate(candidates, clips, decode, protocol, nets, args.sheet_clips, args.device,
                       progress=lambda n: print(f"evaluated {n}/{len(clips)} clips", file=sys.stderr))
     data = result.to_json()
@@ -137,13 +144,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("scd-eval")
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (EvalInputError, ConfigError, FileNotFoundError, KeyError, ValueError, NotImplementedError) as exc:
-        print(f"scd-eval: {exc}", file=sys.stderr)
-        return 2
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

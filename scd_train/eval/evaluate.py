@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from scd_train.config import Config
 from scd_train.diffusion.sampling import Rollout, SamplerSettings, generate
+from scd_train.errors import InputError
 from scd_train.eval.clips import Decode, EvalClip, batched, stack_clips
 from scd_train.eval.feature_metrics import LPIPS, VideoFeatures, frechet_distance
 from scd_train.eval.metrics import PSNR_CAP_DB, best_of_k, horizon_scores, selection_rule, video_scores
@@ -234,5 +235,5 @@ def evaluate(candidates: list[Candidate], clips: Iterable[EvalClip], decode: Dec
         if progress is not None:
             progress(len(keys))
     if not keys:
-        raise ValueError("no evaluation clips: the data source yielded nothing")
+        raise InputError("no evaluation clips: the held-out data yielded nothing")
     return EvalRun(protocol, keys, tallies, sheet, {c.name: c.source for c in candidates})
