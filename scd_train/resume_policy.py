@@ -3,7 +3,7 @@
 Every setting is compared with the config saved inside the checkpoint:
 
 * **refused** (the run would silently train something else): the architecture (``model.*`` except
-  the training-only fields below; also checked tensor by tensor against the shapes the checkpoint
+  the training-only fields below, the attention window among them; also checked tensor by tensor against the shapes the checkpoint
   recorded), whatever the saved data position depends on (``data.batch_size``, ``data.seed``,
   ``data.source``), a move between a ZeRO-3 and a DCP checkpoint format, switching weight decay on
   or off (it changes the parameter groups), and a world size the backend cannot reshard to;
@@ -31,7 +31,10 @@ UNREMARKABLE = ("train.steps", "train.resume", "train.run_dir", "train.checkpoin
                 "train.collective_timeout_s", "train.run_dir_lock_wait_s", "train.device", "log.")
 # Model fields that change how the model is trained or checked, not which function it computes.
 MODEL_TRAINING_FIELDS = {"model.attention", "model.action_dropout", "model.context_noise", "model.encoder_input",
-                         "model.max_frames"}
+                         "model.max_frames",
+                         # the attention window is a mask over the same weights: a full-history run may be
+                         # fine-tuned windowed (the trainer logs the change)
+                         "model.encoder_window", "model.encoder_sink_frames"}
 # Settings the saved data position is expressed in.
 DATA_POSITION = {"data.batch_size": "clips per rank and micro-batch", "data.seed": "the shuffle order",
                  "data.source": "the kind of data reader"}

@@ -42,7 +42,8 @@ def test_sample_refuses_a_full_history_run_past_max_frames(runs, tmp_path, capsy
                         "--out", str(tmp_path / "x")])
     assert code == 2
     err = capsys.readouterr().err
-    assert "rollout of 9 frames (2 context + 7 generated) exceeds model.max_frames=8" in err
+    assert "--context 2 + --unroll 7 = 9 frames exceed the model's model.max_frames=8" in err
+    assert "model.encoder_window" in err and not (tmp_path / "x").exists()
     assert "Traceback" not in err
 
 
