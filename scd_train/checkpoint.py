@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 from scd_train.checkpoint_integrity import check_files, digest_files, file_digest, list_files, share_of
 from scd_train.errors import InputError, ResumeError
@@ -287,19 +286,10 @@ class CheckpointManager:
                 f"checkpoint {path} was written by {saved_world} ranks but this run has {world}; "
                 f"train.backend={backend.name!r} cannot reshard it: resume with {saved_world} ranks, or export "
                 "the weights (scd-export) and start a new run from them with train.init_from")
-        try:
-            backend.load(path, ema)
-            if saved_world != world:
-                log.warning("checkpoint %s was written by %d ranks; resharded onto %d", path, saved_world, world)
-                return trainer_state, None
-            rank_state = torch.load(path / rank_file(self.runtime.rank), weights_only=False)
-        except ResumeError:
-            raise
-        # DCP reports damaged files and a model that changed shape as CheckpointException, a BaseException
-        except (Exception, CheckpointException) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise ResumeError(f"checkpoint {path} cannot be resumed by this run ({type(exc).__name__}: {first}); "
-                              "it is damaged or was written with another model config: restore the run's config, "
-                              "move the checkpoint aside to resume from an earlier one, or set train.resume=false "
-                              "in a new train.run_dir") from exc
+        # a load that fails (damaged files) raises as it is: resume.restore falls back to an older checkpoint
+        backend.load(path, ema)
+        if saved_world != world:
+            log.warning("checkpoint %s was written by %d ranks; resharded onto %d", path, saved_world, world)
+            return trainer_state, None
+        rank_state = torch.load(path / rank_file(self.runtime.rank), weights_only=False)
         return trainer_state, rank_state

@@ -74,7 +74,7 @@ def test_a_rank_outside_the_world_is_refused_before_any_rendezvous(repo_root, py
     done = run_quick(train_command(python_exe, tmp_path / "run", "train.steps=2"), repo_root, subprocess_env,
                      RANK="2", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "scd-train: RANK=2 is outside WORLD_SIZE=2 (ranks are 0..1)" in done.stderr
+    assert "scd-train: rank 2: RANK=2 is outside WORLD_SIZE=2 (ranks are 0..1)" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
 

@@ -68,8 +68,9 @@ def read_launch_env(environ: Mapping[str, str]) -> LaunchEnv:
     if world is None:
         if step_tasks is not None and step_tasks > 1:
             raise LaunchEnvError(
-                f"SLURM started this step with {step_tasks} tasks (SLURM_STEP_NUM_TASKS={step_tasks}, this is "
-                f"SLURM_PROCID={procid}), but WORLD_SIZE and RANK are unset, so every task would train alone as "
+                f"SLURM started this step with {step_tasks} tasks (SLURM_STEP_NUM_TASKS={step_tasks}"
+                f"{'' if procid is None else f', this is SLURM_PROCID={procid}'}), but WORLD_SIZE and RANK are "
+                "unset, so every task would train alone as "
                 "rank 0 of 1 into the same run directory. Submit with launchers/slurm.py (it derives the ranks "
                 "from SLURM), run torchrun inside srun, or start one task (srun --ntasks 1)")
         if rank not in (None, 0):

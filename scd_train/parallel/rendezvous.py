@@ -35,6 +35,9 @@ PREFIX = "scd_rendezvous"
 class RendezvousError(RunFailure):
     """Not every rank joined the process group within the rendezvous time-out."""
 
+    # the rank that waits in vain is often not rank 0 (rank 0 may be the one missing): each one says so
+    rank_local = True
+
 
 def _where(env: LaunchEnv) -> str:
     return f"{env.master_addr}:{env.master_port}"
