@@ -19,7 +19,7 @@ from scd_train.models.layers import (
     silu,
     zero_,
 )
-from scd_train.models.rope import rope_angles, token_positions
+from scd_train.models.rope import rope_angles, round_through_bf16, token_positions
 
 
 class CausalEncoder(nn.Module):
@@ -34,7 +34,7 @@ class CausalEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg.latent_channels, cfg.patch_size, cfg.width)
-        self.time_embed = TimestepEmbedding(cfg.width)
+        self.time_embed = TimestepEmbedding(cfg.width, cfg.reference_bf16_timesteps)
         self.action_embed = (ActionEmbedding(cfg.num_actions, cfg.width, cfg.action_dropout)
                              if cfg.num_actions > 0 else None)
         self.blocks = nn.ModuleList(
@@ -51,7 +51,7 @@ class CausalEncoder(nn.Module):
         init_linear_xavier(self)
         init_conditioning(self.time_embed, self.action_embed)
         for block in self.blocks:
-            block.zero_init_modulation()
+            block.init_weights()
         zero_(self.output_norm.modulation)
 
     def conditioning(self, actions: Tensor | None, batch: int, frames: int, device: torch.device) -> Tensor:
@@ -79,6 +79,8 @@ class CausalEncoder(nn.Module):
         rows = self.cfg.latent_height // self.cfg.patch_size
         cols = self.cfg.latent_width // self.cfg.patch_size
         positions = token_positions(frame_offset, frames, rows, cols, latents.device)
+        if self.cfg.reference_bf16_rope:
+            positions = round_through_bf16(positions)
         kv_frames = frame_offset + frames if kv_cache is not None else frames
         mask = build_frame_causal_mask(frames, kv_frames, n, latents.device, self.cfg.attention)
         ctx = BlockContext(cond_act, n, rope_angles(positions, self.cfg.rope_axes, self.cfg.rope_theta),

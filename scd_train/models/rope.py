@@ -20,6 +20,12 @@ def token_positions(
     return torch.stack(grid, dim=-1).reshape(-1, 3)
 
 
+def round_through_bf16(positions: Tensor) -> Tensor:
+    """Positions as the official release computes them, held in bf16: integers above 256 lose
+    their low bits (257 -> 256, 259 -> 260), the ones below are exact."""
+    return positions.to(torch.bfloat16).to(positions.dtype)
+
+
 def rope_angles(positions: Tensor, axes_dim: list[int], theta: float) -> tuple[Tensor, Tensor]:
     """cos and sin of shape (L, head_dim/2) for ``positions`` of shape (L, 3)."""
     parts = []
