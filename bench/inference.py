@@ -46,6 +46,12 @@ def phase_line(row: dict, phase: str) -> str:
             f"FLOPs {r['flops']:.2f}x")
 
 
+def print_row(row: dict) -> None:
+    print(f"context {row['context_frames']}:")
+    for phase in ("prefill", "first_frame", "frame"):
+        print("  " + phase_line(row, phase), flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
     preset = PRESETS[args.preset]
     cfg = load_config(preset["config"], preset["overrides"] + args.override)
@@ -59,11 +65,7 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("--unroll must be >= 2 (a first and a steady frame) and --rollouts >= 1")
     settings = [SpeedSettings(c, args.rollouts, args.unroll, args.steps, args.guided, args.batch)
                 for c in args.contexts]
-    report = measure(cfg, settings, device, dtype, threads=args.threads)
-    for row in report["results"]:
-        print(f"context {row['context_frames']}:")
-        for phase in ("prefill", "first_frame", "frame"):
-            print("  " + phase_line(row, phase), flush=True)
+    report = measure(cfg, settings, device, dtype, threads=args.threads, on_row=print_row)
     _, dense_cfg = paired_configs(cfg)
     m = cfg.model
     return {

@@ -86,3 +86,17 @@ def test_bench_inference_writes_the_method_into_its_json(tmp_path, repo_root):
     row = report["results"][0]
     assert set(row["ratios"]) == {"prefill", "first_frame", "frame"}
     assert all("flops" in r for r in row["ratios"].values())
+
+
+def test_demo_prints_the_side_by_side_ratio_with_cpu_time_and_flops(capsys):
+    from scd_train.demo import SPEED_THREADS, measure_speed_ratio, print_table
+
+    small = load_config("configs/tiny.yaml", [*TINY, "diffusion.sample_steps=1"])
+    speed = measure_speed_ratio(small, context=2)
+    assert speed["threads"] == SPEED_THREADS and "machine_load" in speed and "history" in speed
+    ratio = speed["ratios"]["frame"]
+    print_table({"steps": 1, "loss_initial": 1.0, "loss_final": 0.5, "run_dir": "runs/x", "speed": speed,
+                 "next_frame": {"clips": 2, "model_psnr": 30.0, "copy_last_psnr": 24.0}})
+    out = capsys.readouterr().out
+    assert f"{ratio['wall_median']:.2f}x | {ratio['cpu_median']:.2f}x" in out
+    assert f"{ratio['flops']:.2f}x" in out and "median of 21" in out

@@ -231,9 +231,9 @@ def speed_ratios(dense: TimingStats, scd: TimingStats, flops_ratio: float) -> di
 
 
 def measure(cfg: Config, settings_list: list[SpeedSettings], device: torch.device, dtype: torch.dtype,
-            threads: int | None = None) -> dict:
-    """Build both models with fresh weights and compare them at every setting; records the threads
-    and the machine load before and after."""
+            threads: int | None = None, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Build both models with fresh weights and compare them at every setting (``on_row`` sees each
+    result as it is measured); records the threads and the machine load before and after."""
     from scd_train.models import build_model
 
     scd_cfg, dense_cfg = paired_configs(cfg)
@@ -242,7 +242,11 @@ def measure(cfg: Config, settings_list: list[SpeedSettings], device: torch.devic
     dense = build_model(dense_cfg.model).to(device).eval()
     with pinned_threads(threads, device) as used:
         load_before = MachineLoad.now().to_dict()
-        rows = [compare_speed(scd, dense, scd_cfg, dense_cfg, s, dtype) for s in settings_list]
+        rows = []
+        for settings in settings_list:
+            rows.append(compare_speed(scd, dense, scd_cfg, dense_cfg, settings, dtype))
+            if on_row is not None:
+                on_row(rows[-1])
         load_after = MachineLoad.now().to_dict()
     return {"threads": used if device.type == "cpu" else None, "history": HISTORY,
             "machine_load": {"before": load_before, "after": load_after}, "results": rows}
