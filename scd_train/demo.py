@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -62,7 +64,27 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> Path:
     return out
 
 
-SPEED_THREADS = 2  # pinned, so the printed ratio does not depend on the machine's default thread count
+# CPU results depend on how many threads split each reduction and on the instruction set the CPU
+# kernels are chosen for (the same run gives other digits with AVX2 kernels than with AVX-512 ones),
+# so the demo pins both: every stage runs at DEMO_THREADS threads with AVX2 kernels on x86.
+DEMO_THREADS = 2
+X86_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+SPEED_THREADS = DEMO_THREADS  # the speed rows run at the same pinned count
+
+
+def pin_cpu_numerics() -> dict[str, str]:
+    """Fix the thread count and, on x86, the kernels' instruction set; returns what was pinned.
+
+    Must run before the first tensor computation: the libraries read these variables when they
+    first dispatch a kernel. A variable already set by the user is left as it is.
+    """
+    pinned = {}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        for name, value in X86_KERNELS.items():
+            pinned[name] = os.environ.setdefault(name, value)
+    torch.set_num_threads(DEMO_THREADS)
+    pinned["torch_threads"] = str(torch.get_num_threads())
+    return pinned
 
 
 def measure_speed_ratio(cfg: Config, context: int) -> dict:
@@ -113,7 +135,7 @@ def prepare_shard_data(data_dir: Path) -> list[str]:
     return prepare_shards(data_dir, DemoScale())
 
 
-def run_demo(cfg: Config, eval_clips: int, context: int) -> dict:
+def run_demo(cfg: Config, eval_clips: int, context: int, pinned: dict[str, str] | None = None) -> dict:
     run_dir = Path(cfg.train.run_dir)
     if (run_dir / "config.yaml").exists():  # an earlier demo: start over rather than resume it
         shutil.rmtree(run_dir)
@@ -136,6 +158,7 @@ def run_demo(cfg: Config, eval_clips: int, context: int) -> dict:
         "samples": [str(p) for p in samples],
         "loss_curve": str(curve),
         "run_dir": str(run_dir),
+        "cpu_numerics": pinned or {},
     }
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -151,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=4)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
+    pinned = pin_cpu_numerics()
     data_overrides = prepare_shard_data(args.data_dir) if args.source == "shards" else []
     cfg = load_config(args.config or DEFAULT_CONFIGS[args.source],
                       [*data_overrides, "train.run_dir=runs/demo", "train.resume=false", *args.overrides])
-    summary = run_demo(cfg, args.eval_clips, args.context)
+    summary = run_demo(cfg, args.eval_clips, args.context, pinned)
     print_table(summary)
     print(f"samples: {Path(cfg.train.run_dir) / 'samples'}   loss curve: {summary['loss_curve']}")
     return 0

@@ -163,8 +163,11 @@ class ShardLoader:
         stream = _BatchStream(self, self.batches_consumed)
         if self.num_workers == 0:
             return iter(stream)
+        # the loader's own generator: by default starting workers draws their base seed from the global
+        # RNG, which would shift every later noise and timestep draw of training by the worker count
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+                            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                            generator=torch.Generator().manual_seed(self.seed))
         return iter(loader)
 
     def __iter__(self) -> Iterator[Batch]:
