@@ -1,6 +1,6 @@
 """Streaming inference: SCD against the dense causal baseline at matched width and total depth.
 
-    python bench/inference.py                       # CPU, small dims, 2 threads (a few minutes on 2 cores)
+    python bench/inference.py                       # CPU, small dims, 1 thread (a few minutes on 2 cores)
     python bench/inference.py --preset scd_m        # GPU, the paper's SCD-M dims, bf16
 
 Both models get the same context, actions, steps, guidance and random weights (speed does not
@@ -94,7 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per frame")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--guided", action="store_true", help="classifier-free guidance (2 branches)")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for CPU runs (pinned)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads for CPU runs, pinned (one thread: no synchronisation stalls when "
+                             "other processes share the cores)")
     parser.add_argument("--device")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default on CUDA)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/inference-<preset>-<device>.json)")

@@ -69,7 +69,9 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> Path:
 # so the demo pins both: every stage runs at DEMO_THREADS threads with AVX2 kernels on x86.
 DEMO_THREADS = 2
 X86_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
-SPEED_THREADS = DEMO_THREADS  # the speed rows run at the same pinned count
+# The speed rows run at one pinned thread, as bench/inference.py does by default: a thread that
+# waits for a busy core at every synchronisation would time the machine's load, not the models.
+SPEED_THREADS = 1
 
 
 def pin_cpu_numerics() -> dict[str, str]:
