@@ -100,3 +100,15 @@ def test_demo_prints_the_side_by_side_ratio_with_cpu_time_and_flops(capsys):
     out = capsys.readouterr().out
     assert f"{ratio['wall_median']:.2f}x | {ratio['cpu_median']:.2f}x" in out
     assert f"{ratio['flops']:.2f}x" in out and "median of 21" in out
+
+
+def test_rollout_first_frame_includes_the_prefill_for_both_models(cfg):
+    from scd_train.diffusion.sampling import SamplerSettings, generate
+
+    for model_cfg in paired_configs(cfg):
+        model = build_model(model_cfg.model).eval()
+        m = model_cfg.model
+        context = torch.randn(1, 3, m.latent_channels, m.latent_height, m.latent_width)
+        rollout = generate(model, context, None, 2, SamplerSettings(steps=1))
+        assert 0 < rollout.prefill_seconds < rollout.first_frame_seconds
+        assert rollout.first_frame_seconds == pytest.approx(rollout.prefill_seconds + rollout.frame_seconds[0])

@@ -139,7 +139,8 @@ class ModelTally:
         out["timing"] = {
             "first_frame_seconds": float(np.median(self.first_frame_seconds)),
             "steady_frame_seconds": float(np.median(self.steady_frame_seconds)),
-            "note": "median over rollout batches; each batch generates batch_clips * trajectories videos at once",
+            "note": "median over rollout batches; each batch generates batch_clips * trajectories videos at once; "
+                    "the first frame includes the context prefill for every model",
         }
         if self.settings is not None:
             out["sampler"] = vars(self.settings).copy()
