@@ -127,7 +127,8 @@ def test_eval_refuses_unlike_histories_and_runs_each_guidance_scale(runs, tmp_pa
 
     scd = run_variant(runs["scd"], tmp_path / "scd", diffusion__eval_cfg_scales=[1.5, 1.0])
     dense = run_variant(runs["dense"], tmp_path / "dense", model__encoder_input="clean")
-    args = ["--scd", str(scd), "--baseline", str(dense), *SMALL_PROTOCOL, "--sheet-clips", "0", "--wandb", "disabled"]
+    args = ["--scd", str(scd), "--baseline", str(dense), *SMALL_PROTOCOL, "--clips", "2", "--trajectories", "1",
+            "--unroll", "2", "--sheet-clips", "0", "--wandb", "disabled"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{scd} trained on noisy history but {dense} trained on clean history" in err
