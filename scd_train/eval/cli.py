@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from scd_train.config import ConfigError, to_dict
+from scd_train.config import Config, ConfigError, to_dict
 from scd_train.eval.protocol import PRESETS, EvalProtocol, build_protocol
+
+if TYPE_CHECKING:
+    from scd_train.eval.evaluate import Candidate
 
 PROTOCOL_FLAGS = ("context", "unroll", "trajectories", "clips", "batch_clips", "steps", "cfg_scale", "seed",
                   "compat", "mp4_crf")
@@ -91,14 +95,14 @@ def load_candidates(args: argparse.Namespace, protocol: EvalProtocol):
     return candidates
 
 
-def guidance_scales(cfg, protocol: EvalProtocol) -> list[float]:
+def guidance_scales(cfg: Config, protocol: EvalProtocol) -> list[float]:
     """--cfg-scale when given, else the run's diffusion.eval_cfg_scales, else its cfg_scale."""
     if protocol.cfg_scale is not None:
         return [protocol.cfg_scale]
     return list(cfg.diffusion.eval_cfg_scales or [cfg.diffusion.cfg_scale])
 
 
-def check_same_history(candidates, allow_mixed: bool) -> None:
+def check_same_history(candidates: list[Candidate], allow_mixed: bool) -> None:
     """A side by side is like for like only if both models read the same kind of history in training."""
     kinds = {}
     for cand in candidates:

@@ -8,6 +8,7 @@ no additive float L x L mask is ever built. A step over a single new frame needs
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Union
 
 import torch
@@ -94,7 +95,7 @@ def _teacher_forced(q_noisy: Tensor, q_index: Tensor, k_noisy: Tensor, k_index: 
     return earlier_clean | own_frame
 
 
-def teacher_forcing_mask_mod(num_frames: int, tokens_per_frame: int):
+def teacher_forcing_mask_mod(num_frames: int, tokens_per_frame: int) -> Callable[..., Tensor]:
     """The same rule as ``teacher_forcing_mask`` as a FlexAttention mask_mod."""
 
     def teacher_forced(b, h, q_idx, kv_idx):
