@@ -11,8 +11,16 @@ import torch
 from torch import Tensor, nn
 
 from scd_train.config import ModelConfig
-from scd_train.models.attention import KVCache, build_frame_causal_mask, build_teacher_forcing_mask
-from scd_train.models.block import BlockContext, DiTBlock
+from scd_train.models.attention import (
+    AttentionWindow,
+    KVCache,
+    RingKVCache,
+    SinkCopies,
+    build_frame_causal_mask,
+    build_teacher_forcing_mask,
+    new_kv_cache,
+)
+from scd_train.models.block import BlockContext, DiTBlock, StepConditioning, StepsConditioning
 from scd_train.models.layers import (
     CLEAN_TIMESTEP,
     ActionEmbedding,
@@ -25,7 +33,7 @@ from scd_train.models.layers import (
     unpatchify,
     zero_,
 )
-from scd_train.models.rope import rope_angles, round_through_bf16, token_positions
+from scd_train.models.rope import RotaryTables
 
 
 class CausalDiT(nn.Module):
@@ -40,6 +48,9 @@ class CausalDiT(nn.Module):
             DiTBlock(cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.layers))
         self.output_norm = AdaptiveOutputNorm(cfg.width)
         self.proj_out = nn.Linear(cfg.width, cfg.latent_channels * cfg.patch_size**2)
+        self.window = AttentionWindow.of(cfg)  # the same window option as SCD's encoder
+        self.rotary = RotaryTables(cfg.rope_axes, cfg.rope_theta, cfg.latent_height // cfg.patch_size,
+                                   cfg.latent_width // cfg.patch_size, cfg.reference_bf16_rope)
         self.reset_parameters()
 
     @property
@@ -55,58 +66,122 @@ class CausalDiT(nn.Module):
         zero_(self.output_norm.modulation)
         zero_(self.proj_out)
 
+    @property
+    def stream_frame_limit(self) -> int | None:
+        """Frames a stream may hold in all (context + generated); None: unbounded (a window)."""
+        return self.window.stream_limit(self.cfg.max_frames)
+
+    def conditioning(self, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
+        """SiLU'd per-frame conditioning (..., F, D) of timesteps (..., F) and actions (..., F)."""
+        cond = self.time_embed(timesteps)
+        if self.action_embed is not None:
+            if actions is None:
+                actions = torch.full(timesteps.shape, self.action_embed.null_id, device=timesteps.device,
+                                     dtype=torch.long)
+            cond = cond + self.action_embed(actions)
+        return silu(cond)
+
+    def step_conditioning(self, timesteps: Tensor, actions: Tensor | None = None) -> StepsConditioning:
+        """The conditioning of T denoising steps of one frame at once: ``timesteps`` (T, B, 1) and
+        ``actions`` (B, 1) shared by the steps; pass ``.steps()[i]`` to ``forward`` at step i."""
+        if actions is not None:
+            actions = actions.expand(timesteps.shape)
+        return StepsConditioning.of(self.conditioning(timesteps, actions), self.blocks, self.output_norm)
+
     def forward(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None = None,
-                kv_cache: KVCache | None = None, frame_offset: int = 0, commit: bool = True,
-                clean_history: Tensor | None = None) -> Tensor:
+                kv_cache: KVCache | RingKVCache | None = None, frame_offset: int = 0, commit: bool = True,
+                conditioning: StepConditioning | None = None, clean_history: Tensor | None = None) -> Tensor:
         """Velocity (B, F, C, H, W) for frames (B, F, C, H, W) at per-frame ``timesteps`` (B, F).
 
         Frame t carries its own action t. With a KV cache, ``latents`` follow the cached frames;
         ``commit=False`` attends to the cache without keeping the new keys (a denoising step).
+        ``conditioning`` (from ``step_conditioning``) replaces ``timesteps`` and ``actions``.
 
         ``clean_history`` (B, F, C, H, W) trains with teacher forcing: the clean frames run beside
         the noisy ones at the clean label, with the same actions and positions, and noisy frame t
         reads clean frames < t instead of the noisy ones (see ``teacher_forcing_mask``).
         """
         batch, frames = latents.shape[:2]
-        if frame_offset + frames > self.cfg.max_frames:
+        if not isinstance(kv_cache, RingKVCache) and frame_offset + frames > self.cfg.max_frames:
             raise ValueError(f"{frame_offset + frames} frames exceed model.max_frames={self.cfg.max_frames}")
-        if clean_history is not None and kv_cache is not None:
-            raise ValueError("clean_history is for training passes over whole clips; it takes no KV cache")
+        if clean_history is not None:
+            return self._teacher_forced(latents, timesteps, actions, clean_history, frame_offset, kv_cache)
         n = self.tokens_per_frame
-        rows = self.cfg.latent_height // self.cfg.patch_size
-        cols = self.cfg.latent_width // self.cfg.patch_size
-        positions = token_positions(frame_offset, frames, rows, cols, latents.device)
-        if self.cfg.reference_bf16_rope:
-            positions = round_through_bf16(positions)
-        if clean_history is None:
-            kv_frames = frame_offset + frames if kv_cache is not None else frames
-            mask = build_frame_causal_mask(frames, kv_frames, n, latents.device, self.cfg.attention)
+        if conditioning is None:
+            cond_act, modulation, output_terms = self.conditioning(timesteps, actions), None, None
         else:
-            latents = torch.cat([clean_history.to(latents.dtype), latents], dim=1)
-            timesteps = torch.cat([torch.full_like(timesteps, CLEAN_TIMESTEP), timesteps], dim=1)
-            positions = positions.repeat(2, 1)
-            mask = build_teacher_forcing_mask(frames, n, latents.device, self.cfg.attention)
-        cond = self.time_embed(timesteps)
+            cond_act, modulation, output_terms = conditioning.cond_act, conditioning.blocks, conditioning.output
+        x = self.patch_embed(latents)
+        if kv_cache is None:
+            x = self._blocks(x, cond_act, modulation, frame_offset, None)
+        else:
+            pieces = kv_cache.pieces(frame_offset, frames)
+            if not commit and len(pieces) > 1:
+                raise ValueError("a denoising pass (commit=False) over a windowed cache takes one frame at a time")
+            parts = []
+            for first, count in pieces:
+                lo = first - frame_offset
+                mods = modulation if len(pieces) == 1 or modulation is None else [
+                    tuple(t[:, lo:lo + count] for t in terms) for terms in modulation]
+                parts.append(self._blocks(x[:, lo * n:(lo + count) * n], cond_act[:, lo:lo + count], mods, first,
+                                          kv_cache))
+                if commit:
+                    kv_cache.advance(count * n)
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        x = self.output_norm(x, cond_act, n, terms=output_terms)
+        return unpatchify(self.proj_out(x), frames, self.cfg.latent_channels, self.cfg.latent_height,
+                          self.cfg.latent_width, self.cfg.patch_size)
+
+    def _teacher_forced(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None, clean_history: Tensor,
+                        frame_offset: int, kv_cache) -> Tensor:
+        """One training pass over [clean frames ; noisy frames] under the teacher-forcing mask."""
+        if kv_cache is not None:
+            raise ValueError("clean_history is for training passes over whole clips; it takes no KV cache")
+        if self.window.bounded:
+            raise ValueError("teacher forcing (clean_history) has no windowed mask; train the windowed dense "
+                             "baseline with model.encoder_input='noisy'")
+        batch, frames = latents.shape[:2]
+        n = self.tokens_per_frame
+        both = torch.cat([clean_history.to(latents.dtype), latents], dim=1)
+        cond = self.time_embed(torch.cat([torch.full_like(timesteps, CLEAN_TIMESTEP), timesteps], dim=1))
         if self.action_embed is not None:
             if actions is None:
                 actions = torch.full((batch, frames), self.action_embed.null_id, device=latents.device,
                                      dtype=torch.long)
             action_emb = self.action_embed(actions)  # one dropout draw per frame, shared by both copies
-            cond = cond + (action_emb if clean_history is None else torch.cat([action_emb, action_emb], dim=1))
+            cond = cond + torch.cat([action_emb, action_emb], dim=1)
         cond_act = silu(cond)
-        x = self.patch_embed(latents)
-        ctx = BlockContext(cond_act, n, rope_angles(positions, self.cfg.rope_axes, self.cfg.rope_theta), mask,
-                           kv_cache)
+        cos, sin = self.rotary.frames(frame_offset, frames, latents.device)  # both copies share positions
+        mask = build_teacher_forcing_mask(frames, n, latents.device, self.cfg.attention)
+        ctx = BlockContext(cond_act, n, (cos.repeat(2, 1), sin.repeat(2, 1)), mask)
+        x = self.patch_embed(both)
         for index, block in enumerate(self.blocks):
             x = block(x, ctx, index)
-        if kv_cache is not None and commit:
-            kv_cache.advance(frames * n)
         x = self.output_norm(x[:, -frames * n:], cond_act[:, -frames:], n)
         return unpatchify(self.proj_out(x), frames, self.cfg.latent_channels, self.cfg.latent_height,
                           self.cfg.latent_width, self.cfg.patch_size)
 
-    def new_kv_cache(self, batch: int, capacity_frames: int, dtype: torch.dtype, device) -> KVCache:
-        if capacity_frames > self.cfg.max_frames:
+    def _blocks(self, x: Tensor, cond_act: Tensor, modulation, first: int,
+                kv_cache: KVCache | RingKVCache | None) -> Tensor:
+        n, frames, device = self.tokens_per_frame, cond_act.shape[1], x.device
+        if kv_cache is None:
+            mask = build_frame_causal_mask(frames, frames, n, device, self.cfg.attention, self.window)
+            copies = SinkCopies.build(self.window, frames, self.rotary, device)
+            rope = self.rotary.frames(first, frames, device)
+        else:
+            mask = build_frame_causal_mask(frames, first + frames, n, device, self.cfg.attention, self.window)
+            copies = None
+            rope = self.rotary.frames(kv_cache.frame_id(first), frames, device)
+        ctx = BlockContext(cond_act, n, rope, mask, kv_cache, copies, modulation)
+        for index, block in enumerate(self.blocks):
+            x = block(x, ctx, index)
+        return x
+
+    def new_kv_cache(self, batch: int, capacity_frames: int | None = None, dtype: torch.dtype | None = None,
+                     device: torch.device | str = "cpu") -> KVCache | RingKVCache:
+        """A ring of S + W frames for a window (``capacity_frames`` ignored), else the full history
+        of ``capacity_frames`` frames; see ``CausalEncoder.new_kv_cache``."""
+        if not self.window.bounded and capacity_frames is not None and capacity_frames > self.cfg.max_frames:
             raise ValueError(f"{capacity_frames} frames exceed model.max_frames={self.cfg.max_frames}")
-        return KVCache(len(self.blocks), batch, self.cfg.num_heads, capacity_frames * self.tokens_per_frame,
-                       self.cfg.head_dim, dtype, device)
+        return new_kv_cache(self.window, len(self.blocks), batch, self.cfg.num_heads, self.cfg.head_dim,
+                            self.rotary, capacity_frames, dtype, device)
