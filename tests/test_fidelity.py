@@ -191,3 +191,16 @@ def test_projected_fusion_starts_blind_to_the_context_and_learns_to_open_it():
     randomize(model.decoder.context_align)
     model.eval()
     assert not torch.allclose(model.decoder(noisy, t, ctx_a, act), model.decoder(noisy, t, ctx_b, act))
+
+
+def test_a_windowed_dense_baseline_refuses_teacher_forcing_and_trains_on_noisy_history():
+    from scd_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher forcing .* has no windowed mask; use model.encoder_input=noisy"):
+        tiny("model.arch=causal_dit", "model.encoder_input=clean", "model.encoder_window=2")
+    cfg = tiny("model.arch=causal_dit", "model.encoder_window=2")
+    model = build_model(cfg.model)
+    objective = build_objective(cfg.model, cfg.diffusion)
+    out = objective(model, frames(cfg, 2, 4), torch.randint(0, 4, (2, 4)))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.window.bounded

@@ -141,11 +141,12 @@ class TimedModel:
         self.frames_made += 1
 
     def calls_per_frame(self) -> dict:
-        """Model calls per generated frame of the last rollout, its prefill pass not counted (SCD's
-        runs inside its first frame's encoder call, the dense model's is a call of its own)."""
+        """Model calls per generated frame of the last rollout. Both streams make one context pass per
+        frame: SCD's first one covers the prefill too, the dense model's prefill is a call of its own,
+        and both defer the context pass of the newest frame to the frame after it (the dense stream
+        appends frame k to its cache when frame k + 1 is asked for)."""
         counts = self.stream.counts
-        context_calls = counts.context - (1 if self.arch == "causal_dit" else 0)
-        return {"context": context_calls / self.frames_made, "denoise": counts.denoise / self.frames_made}
+        return {"context": counts.context / self.frames_made, "denoise": counts.denoise / self.frames_made}
 
 
 def _merge(into: dict[str, TimingStats], more: dict[str, TimingStats]) -> None:
