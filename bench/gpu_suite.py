@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -110,8 +111,22 @@ def run_suite(args: argparse.Namespace) -> int:
               "environment": environment(device), "machine_load_start": MachineLoad.now().to_dict(),
               "status": "running", "sections": {}}
     write_record(out, record)
-    work = out.parent / f".{out.stem}.sections"
-    work.mkdir(parents=True, exist_ok=True)
+    # section files and logs live in a scratch folder: the one JSON (with each log's tail) is the result
+    with tempfile.TemporaryDirectory(prefix="gpu_suite_") as scratch:
+        _run_sections(args, record, out, budget, start, device, kind, Path(scratch))
+    statuses = [s["status"] for s in record["sections"].values()]
+    record["checks_failed"] = failed_checks(record["sections"])
+    record["headline"] = headline(record["sections"])
+    record["status"] = "complete" if all(s == "ok" for s in statuses) else "partial"
+    record["seconds"] = round(time.monotonic() - start, 2)
+    record["machine_load_end"] = MachineLoad.now().to_dict()
+    write_record(out, record)
+    print(f"wrote {out} ({record['status']}, {record['seconds']:.0f} s)")
+    return 0 if all(s in ("ok", "skipped for time") for s in statuses) else 1
+
+
+def _run_sections(args: argparse.Namespace, record: dict, out: Path, budget: float, start: float, device: str,
+                  kind: str, work: Path) -> None:
     for spec in [s for s in SECTIONS if s.name in args.sections]:
         left = budget - (time.monotonic() - start)
         section_budget = min(spec.smoke_budget_s if args.smoke else spec.budget_s, left)
@@ -123,15 +138,6 @@ def run_suite(args: argparse.Namespace) -> int:
         write_record(out, record)
         print(f"{spec.name}: {record['sections'][spec.name]['status']} "
               f"({record['sections'][spec.name].get('seconds', 0):.1f} s)", flush=True)
-    statuses = [s["status"] for s in record["sections"].values()]
-    record["checks_failed"] = failed_checks(record["sections"])
-    record["headline"] = headline(record["sections"])
-    record["status"] = "complete" if all(s == "ok" for s in statuses) else "partial"
-    record["seconds"] = round(time.monotonic() - start, 2)
-    record["machine_load_end"] = MachineLoad.now().to_dict()
-    write_record(out, record)
-    print(f"wrote {out} ({record['status']}, {record['seconds']:.0f} s)")
-    return 0 if all(s in ("ok", "skipped for time") for s in statuses) else 1
 
 
 def run_section(spec: SectionSpec, budget_s: float, args: argparse.Namespace, device: str, work: Path) -> dict:
@@ -145,16 +151,21 @@ def run_section(spec: SectionSpec, budget_s: float, args: argparse.Namespace, de
     if args.student_run:
         command += ["--student-run", str(args.student_run)]
     started = time.monotonic()
+    # its own process group (not session): stopped with everything it started at its budget or when
+    # the suite is stopped, and still ended by whoever ends the suite's session
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     with log.open("w") as log_file:
-        # its own session: a section past its budget is stopped with everything it started
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, **group)
+        timed_out = False
         try:
             code = proc.wait(timeout=budget_s + KILL_GRACE_S)
-            timed_out = False
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            code, timed_out = proc.wait(), True
+            timed_out = True
+        finally:
+            if proc.poll() is None:  # timed out, or the suite itself is being stopped
+                os.killpg(proc.pid, signal.SIGKILL)
+                code = proc.wait()
     payload = json.loads(results.read_text()) if results.is_file() else {}
     status = payload.get("status", "no results")
     if timed_out:
@@ -166,8 +177,8 @@ def run_section(spec: SectionSpec, budget_s: float, args: argparse.Namespace, de
              "results": payload.get("results", {}), "notes": payload.get("notes", [])}
     if "error" in payload:
         entry["error"] = payload["error"]
-    if status != "ok":
-        entry["log_tail"] = log.read_text(errors="replace")[-3000:]
+    # warnings (recompiles, fallbacks) matter even when a section passed; more of the log when it did not
+    entry["log_tail"] = log.read_text(errors="replace")[-(1500 if status == "ok" else 4000):]
     return entry
 
 
@@ -244,10 +255,15 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _stop(signum: int, frame) -> None:  # noqa: ARG001
+    raise SystemExit(128 + signum)  # unwinds run_section, which stops the running section
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.child:
         return run_child(args)
+    signal.signal(signal.SIGTERM, _stop)
     return run_suite(args)
 
 

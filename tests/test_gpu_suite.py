@@ -104,3 +104,20 @@ def test_full_run_refuses_a_machine_without_cuda(tmp_path, repo_root, subprocess
                           cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_budget_skips_are_recorded_not_overrun(tmp_path, repo_root, subprocess_env, python_exe):
+    """9 s in all: the FP8 section starts but has no room for its 10 s comparison and says so; the
+    inference section after it is not started at all. Neither is dropped from the JSON."""
+    out = tmp_path / "suite.json"
+    proc = subprocess.run([python_exe, str(repo_root / "bench" / "gpu_suite.py"), "--smoke", "--budget-s", "9",
+                           "--sections", "fp8", "inference", "--out", str(out)],
+                          cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads(out.read_text())
+    assert record["status"] == "partial" and list(record["sections"]) == ["fp8", "inference"]
+    fp8 = record["sections"]["fp8"]
+    assert fp8["status"] == "ok" and 8.5 <= fp8["budget_s"] <= 9
+    assert fp8["results"]["eager"]["status"] == "skipped for time"
+    assert "needs about 10 s" in fp8["results"]["eager"]["reason"]
+    assert record["sections"]["inference"]["status"] == "skipped for time"
