@@ -232,6 +232,8 @@ def run_child(args: argparse.Namespace) -> int:
 
     spec = next(s for s in SECTIONS if s.name == args.child)
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # set_device and NCCL's device_id need an index
+        device = torch.device("cuda", torch.cuda.current_device())
     ctx = SectionContext(spec.name, device, args.smoke, args.child_deadline - time.time(), args.child_results,
                          options={"student_run": args.student_run})
     ctx.save("running")
