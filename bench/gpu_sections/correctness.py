@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 
 import torch
@@ -166,13 +165,19 @@ def mask_encoder(ctx: SectionContext) -> dict:
 
 
 def kv_cache(ctx: SectionContext) -> dict:
+    """Full history (a growing cache) and a window with a pinned sink frame (a ring cache) for both
+    architectures: the streamed frames must equal the uncached forward under the same mask."""
     ctx.need(15, "kv_cache")
     dtypes = [torch.float32] + ([torch.bfloat16] if ctx.cuda else [])
+    window = ["model.encoder_window=3", "model.encoder_sink_frames=1"]
     out = {}
     for dtype in dtypes:
         tol = FP32_REL_TOL if dtype == torch.float32 else BF16_REL_TOL
-        out[str(dtype).removeprefix("torch.")] = {"scd_encoder": _encoder_cache(ctx, dtype, tol),
-                                                   "dense_baseline": _dense_cache(ctx, dtype, tol)}
+        per_dtype = {}
+        for policy, extra in (("full_history", []), ("window_3_sink_1", window)):
+            per_dtype[f"scd_encoder_{policy}"] = _encoder_cache(ctx, dtype, tol, extra)
+            per_dtype[f"dense_baseline_{policy}"] = _dense_cache(ctx, dtype, tol, extra)
+        out[str(dtype).removeprefix("torch.")] = per_dtype
     out["pass"] = all(r["pass"] for per_dtype in out.values() for r in per_dtype.values())
     return out
 
@@ -190,10 +195,10 @@ def _amp(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContext
 
 
 @torch.no_grad()
-def _encoder_cache(ctx: SectionContext, dtype: torch.dtype, tol: float) -> dict:
+def _encoder_cache(ctx: SectionContext, dtype: torch.dtype, tol: float, extra: list[str]) -> dict:
     from scd_train.models import build_model
 
-    cfg = model_config(ctx, "scd")
+    cfg = model_config(ctx, "scd", extra)
     torch.manual_seed(0)
     encoder = randomize(build_model(cfg.model), seed=4).encoder.to(ctx.device).eval()
     frames, prefill = (6, 2) if ctx.smoke else (12, 4)
@@ -208,15 +213,15 @@ def _encoder_cache(ctx: SectionContext, dtype: torch.dtype, tol: float) -> dict:
             pieces.append(encoder.output_head(hidden, cond))
             start += count
     streamed = torch.cat(pieces, dim=1)
-    return {"frames": frames, "prefill_frames": prefill, **compare(streamed, whole, tol)}
+    return {"frames": frames, "prefill_frames": prefill, "cache": type(cache).__name__, **compare(streamed, whole, tol)}
 
 
 @torch.no_grad()
-def _dense_cache(ctx: SectionContext, dtype: torch.dtype, tol: float) -> dict:
+def _dense_cache(ctx: SectionContext, dtype: torch.dtype, tol: float, extra: list[str]) -> dict:
     from scd_train.models import build_model
     from scd_train.models.layers import CLEAN_TIMESTEP
 
-    cfg = model_config(ctx, "causal_dit")
+    cfg = model_config(ctx, "causal_dit", extra)
     torch.manual_seed(0)
     model = randomize(build_model(cfg.model), seed=8).to(ctx.device).eval()
     frames, prefill = (6, 2) if ctx.smoke else (12, 4)
@@ -231,16 +236,13 @@ def _dense_cache(ctx: SectionContext, dtype: torch.dtype, tol: float) -> dict:
             pieces.append(model(latents[:, sl], t[:, sl], actions[:, sl], cache, start, commit=True))
             start += count
     streamed = torch.cat(pieces, dim=1)
-    return {"frames": frames, "prefill_frames": prefill, **compare(streamed, whole, tol)}
+    return {"frames": frames, "prefill_frames": prefill, "cache": type(cache).__name__, **compare(streamed, whole, tol)}
 
 
 def compiled_loop(ctx: SectionContext) -> dict:
     from scd_train.diffusion.sampling import SamplerSettings, new_stream
     from scd_train.models import build_model
 
-    if "compile" not in {f.name for f in dataclasses.fields(SamplerSettings)}:
-        return {"status": "not available", "reason": "this sampler has no compiled decoder loop "
-                "(SamplerSettings.compile)"}
     if not ctx.cuda:
         return {"status": NEEDS_CUDA, "reason": "compiling the decoder loop on CPU takes about a minute, beyond "
                 "--smoke; on CUDA the loop is compiled and captured in a CUDA graph"}

@@ -49,7 +49,6 @@ def run(ctx: SectionContext) -> None:
     models = _models(ctx)
     student_model, student_cfg, student_source = _student(ctx, models["scd"])
     student_steps = student_cfg.diffusion.sample_steps if ctx.options.get("student_run") else (2 if ctx.smoke else 4)
-    has_compile = _has_compile()
     ctx.record("setup", {"context_frames": context, "steps": steps, "guidance_scale": GUIDANCE_SCALE,
                          "dtype": "bfloat16 autocast" if ctx.cuda else "float32", "batch": 1,
                          "student": {"steps": student_steps, "source": student_source,
@@ -62,10 +61,7 @@ def run(ctx: SectionContext) -> None:
                   Candidate(f"dense_{guided}", *models["dense"], steps, guided, "eager"),
                   Candidate(f"student_{guided}", student_model, student_cfg, student_steps, guided, "eager")]
     _phase(ctx, "eager", eager, context)
-    if not has_compile:
-        ctx.record("compiled", {"status": "not available", "reason": "this sampler has no compiled decoder loop "
-                                "(SamplerSettings.compile)"})
-    elif not ctx.cuda:
+    if not ctx.cuda:
         ctx.record("compiled", {"status": NEEDS_CUDA, "reason": "compiling the decoder loop on CPU takes about a "
                                 "minute, beyond --smoke"})
     else:
@@ -110,10 +106,9 @@ def _open_stream(ctx: SectionContext, c: Candidate, context: int, capacity: int)
 
     d = c.cfg.diffusion
     mode = d.cfg_mode if c.cfg.model.arch == "scd" else "action"
-    # an older sampler without a compiled loop takes no ``compile`` setting; only eager runs there
-    kwargs = {"compile": "on" if c.loop == "compiled" else "off"} if _has_compile() else {}
     settings = SamplerSettings(steps=c.steps, cfg_scale=GUIDANCE[c.guided], cfg_mode=mode,
-                               num_train_timesteps=d.num_train_timesteps, **kwargs)
+                               num_train_timesteps=d.num_train_timesteps,
+                               compile="on" if c.loop == "compiled" else "off")
     m = c.cfg.model
     generator = torch.Generator(device="cpu").manual_seed(31)
     frames = torch.randn(1, context, m.latent_channels, m.latent_height, m.latent_width, generator=generator)
@@ -121,16 +116,9 @@ def _open_stream(ctx: SectionContext, c: Candidate, context: int, capacity: int)
     c.stream = new_stream(c.model, settings, 1, capacity, torch.Generator(device=ctx.device).manual_seed(32))
     with _autocast(ctx):
         start = time.perf_counter()
-        if hasattr(c.stream, "warm_up"):
-            c.stream.warm_up()  # compiles (and captures) the loop where it is on, outside every timed frame
+        c.stream.warm_up()  # compiles (and captures) the loop where it is on, outside every timed frame
         c.compile_seconds = time.perf_counter() - start if c.loop == "compiled" else None
         c.stream.prefill(frames.to(ctx.device), None if actions is None else actions.to(ctx.device))
-
-
-def _has_compile() -> bool:
-    from scd_train.diffusion.sampling import SamplerSettings
-
-    return "compile" in {f.name for f in dataclasses.fields(SamplerSettings)}
 
 
 def _frame_call(ctx: SectionContext, c: Candidate):
