@@ -228,8 +228,9 @@ def write_record(path: Path, record: dict) -> None:
 # -- a child: one section ------------------------------------------------------------------------------
 def run_child(args: argparse.Namespace) -> int:
     import torch
-    from gpu_sections.common import SectionContext
+    from gpu_sections.common import SectionContext, allow_recompiles
 
+    allow_recompiles()
     spec = next(s for s in SECTIONS if s.name == args.child)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:  # set_device and NCCL's device_id need an index

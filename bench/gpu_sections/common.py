@@ -83,6 +83,15 @@ def failure(exc: BaseException) -> dict:
     return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """A section compiles FlexAttention for many (shape, dtype) pairs in one process; past dynamo's
+    default of 8 it would quietly run the rest eagerly, which no check or timing here should see."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Replace ``path`` in one rename, so a reader (or a kill) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
