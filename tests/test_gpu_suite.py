@@ -48,7 +48,7 @@ def test_smoke_run_compares_tensors_and_records_every_section(tmp_path, repo_roo
     env = {**subprocess_env, "PYTHONPATH": f"{blocker}:{subprocess_env['PYTHONPATH']}"}
     out = tmp_path / "suite.json"
     proc = subprocess.run([python_exe, str(repo_root / "bench" / "gpu_suite.py"), "--smoke", "--out", str(out)],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=170)
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not attempts.exists(), f"imports the GPU image lacks: {attempts.read_text()}"
     record = json.loads(out.read_text())

@@ -19,12 +19,12 @@ class SectionSpec:
 
 
 SECTIONS = (
-    SectionSpec("correctness", "correctness", 120.0, 30.0,
+    SectionSpec("correctness", "correctness", 120.0, 60.0,
                 "FlexAttention mask == SDPA boolean mask (forward, gradients); KV-cached streaming == "
                 "uncached forward; compiled decoder loop == eager"),
-    SectionSpec("training", "training", 100.0, 30.0,
+    SectionSpec("training", "training", 100.0, 60.0,
                 "SCD-M training step under FSDP2 on one rank, activation checkpointing on and off"),
-    SectionSpec("fp8", "fp8", 100.0, 30.0, "torchao FP8 on the encoder against bf16, same weights and data"),
-    SectionSpec("inference", "inference", 130.0, 30.0,
+    SectionSpec("fp8", "fp8", 100.0, 60.0, "torchao FP8 on the encoder against bf16, same weights and data"),
+    SectionSpec("inference", "inference", 130.0, 60.0,
                 "SCD-M against the dense 12-layer baseline per generated frame, eager and compiled"),
 )
