@@ -1,7 +1,7 @@
 """What only a GPU can show, in one command: correctness on CUDA, training speed and MFU, FP8, latency.
 
     python3 bench/gpu_suite.py                  # CUDA: all four sections, under 8 minutes in all
-    python3 bench/gpu_suite.py --smoke          # CPU: the same code at tiny dims, well under a minute
+    python3 bench/gpu_suite.py --smoke          # CPU: the same code at tiny dims (about 20 s on 2 idle cores)
     make gpu-wheels; make gpu-suite             # on a GPU machine whose Python lacks omegaconf/torchao
 
 Sections (``bench/gpu_sections/``): 1. correctness (FlexAttention vs SDPA masks with gradients,
