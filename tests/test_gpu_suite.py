@@ -7,6 +7,7 @@ plus the carried wheels (omegaconf, antlr4, torchao).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -123,3 +124,17 @@ def test_budget_skips_are_recorded_not_overrun(tmp_path, repo_root, subprocess_e
     assert fp8["results"]["eager"]["status"] == "skipped for time"
     assert "needs about 10 s" in fp8["results"]["eager"]["reason"]
     assert record["sections"]["inference"]["status"] == "skipped for time"
+
+
+def test_every_failed_comparison_is_listed_by_its_path(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "bench"))
+    spec = importlib.util.spec_from_file_location("gpu_suite", repo_root / "bench" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    sections = {"correctness": {"results": {"mask_kernel": {"cases": {"full_clip": {"flex_vs_sdpa": {
+        "output": {"pass": True}, "grad_k": {"pass": False}, "pass": False}}}, "pass": False},
+        "kv_cache": {"pass": True}}}}
+    assert suite.failed_checks(sections) == [
+        "correctness.results.mask_kernel", "correctness.results.mask_kernel.cases.full_clip.flex_vs_sdpa",
+        "correctness.results.mask_kernel.cases.full_clip.flex_vs_sdpa.grad_k"]
+    assert suite.headline({})["fp8_step_time_ratio"] == {"eager": None, "compiled": None}
