@@ -42,6 +42,9 @@ from gpu_sections import SECTIONS, SectionSpec  # noqa: E402
 TOTAL_BUDGET_S = 460.0  # the ceiling is 8 minutes; this leaves start-up and writing inside it
 SMOKE_TOTAL_BUDGET_S = 240.0  # ceilings, not durations: a busy CPU must not turn slowness into kills
 MIN_SECTION_S = {"gpu": 20.0, "smoke": 8.0}  # less than this left: the section is skipped for time
+# fully_shard in torch.distributed.fsdp, torch.nn.utils.get_total_norm and FlexAttention's block masks,
+# all on the suite's path, arrived by torch 2.6; the GPU image has 2.11
+MIN_TORCH = (2, 6)
 KILL_GRACE_S = 10.0  # a section past its budget gets this long to notice before it is killed
 SECTION_LIBRARIES = ("torch", "triton", "torchao", "numpy", "einops", "safetensors", "pyyaml", "omegaconf",
                      "antlr4-python3-runtime", "scd-train")
@@ -96,6 +99,11 @@ def run_suite(args: argparse.Namespace) -> int:
     from scd_train.metrics.timing import MachineLoad
 
     kind = "smoke" if args.smoke else "gpu"
+    found = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if found < MIN_TORCH:
+        print(f"gpu_suite: torch {torch.__version__} is older than {'.'.join(map(str, MIN_TORCH))}, the oldest with "
+              "every API the suite uses (fully_shard, get_total_norm, FlexAttention)", file=sys.stderr)
+        return 2
     device = args.device or ("cpu" if args.smoke else "cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_suite: no CUDA device is visible; the full suite needs one (use --smoke on a CPU)", file=sys.stderr)
