@@ -1,6 +1,7 @@
-"""Command line: ``scd-data synth | train-vae | encode | verify`` (also ``python -m data_prep``).
+"""Command line: ``scd-data synth | record | train-vae | encode | verify`` (also ``python -m data_prep``).
 
     scd-data synth --out data/videos --num-videos 256 --frames 32 --size 64
+    scd-data record --env ALE/Breakout-v5 --episodes 64 --frames 200 --size 64 --out data/breakout
     scd-data train-vae data/videos/train --out data/vae --steps 400
     scd-data encode data/videos/train --vae data/vae --out data/shards --clip-frames 16 --stride 8
     scd-data verify data/shards
@@ -24,6 +25,28 @@ def _synth(args: argparse.Namespace) -> int:
     result = write_synthetic(args.out, cfg, args.seed, args.fps, progress=not args.quiet)
     print(f"synth: {result['train_videos']} train + {result['holdout_videos']} held-out videos in {args.out} "
           f"({result['written']} written, {result['kept']} already present)")
+    return 0
+
+
+def _record(args: argparse.Namespace) -> int:
+    from data_prep.record import RecordOptions, record
+    from scd_train.errors import ScdError
+
+    opts = RecordOptions(args.env, args.out, episodes=args.episodes, frames=args.frames, size=args.size,
+                         policy=args.policy, seed=args.seed, holdout_episodes=args.holdout_episodes,
+                         workers=args.workers, frameskip=args.frameskip, sticky_actions=args.sticky_actions,
+                         resize=args.resize, reset_on_end=args.reset_on_end, fps=args.fps,
+                         overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        summary = record(opts)
+    except ScdError as exc:
+        print(f"scd-data record: {exc}", file=sys.stderr)
+        return exc.exit_code
+    splits = {s: len(v) for s, v in summary.episodes.items()}
+    print(f"record: {splits['train']} train + {splits['holdout']} held-out episodes of {args.env} in {args.out} "
+          f"({summary.recorded} recorded, {summary.kept} already present); {summary.frames} frames, "
+          f"{summary.short} episode(s) ended early, {summary.seconds:.1f}s")
+    print(f"  {summary.record_file}")
     return 0
 
 
@@ -55,7 +78,7 @@ def _encode(args: argparse.Namespace) -> int:
         summary = encode(opts)
     except (EncodeError, FileNotFoundError, ValueError) as exc:
         print(f"scd-data encode: {exc}", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_code", 1)
     print(f"encode: {summary.videos} videos -> {summary.clips} clips; {summary.jobs_done} shard job(s) run, "
           f"{summary.jobs_reused} already complete; {summary.frames_encoded} frames in {summary.seconds:.1f}s "
           f"({summary.frames_per_second:.1f} frames/s)")
@@ -109,6 +132,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_synth)
 
+    p = sub.add_parser("record", help="play a game world (Atari, crafter) and write episode videos with actions")
+    p.add_argument("--env", required=True, help="ALE/<Game>-v5 or crafter (`python -m scd_train.envs` lists them)")
+    p.add_argument("--out", type=Path, required=True, help="folder for train/, holdout/ and record.json")
+    p.add_argument("--episodes", type=int, default=16, help="training episodes")
+    p.add_argument("--holdout-episodes", type=int, help="held-out episodes (default: episodes/8, at least 1)")
+    p.add_argument("--frames", type=int, default=200, help="frames per episode, the reset frame included")
+    p.add_argument("--size", type=int, default=64, help="side of the square frames written")
+    p.add_argument("--resize", choices=["stretch", "crop"],
+                   help="fit frames to the square by stretching or by scale-and-centre-crop "
+                        "(default: stretch for Atari, crop for crafter)")
+    p.add_argument("--policy", default="sticky",
+                   help="random, sticky (a random action held 1..8 steps), sticky:K, or module:function")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes recording episodes in parallel")
+    p.add_argument("--frameskip", type=int, help="emulator frames per agent step (default: Atari 4, crafter 1)")
+    p.add_argument("--sticky-actions", type=float, default=0.0,
+                   help="Atari repeat-action probability (off unless asked)")
+    p.add_argument("--reset-on-end", action="store_true",
+                   help="continue an episode that ends early with a reset (default: keep the shorter video)")
+    p.add_argument("--fps", type=int, default=15, help="frame rate written into the videos")
+    p.add_argument("--overwrite", action="store_true", help="discard a recording made with other settings")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_record)
+
     p = sub.add_parser("train-vae", help="train the small KL autoencoder and save it in diffusers format")
     p.add_argument("videos", type=Path, help="folder of videos, image folders or .npy arrays")
     p.add_argument("--out", type=Path, required=True)
@@ -125,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train_vae)
 
     p = sub.add_parser("encode", help="encode videos into latent clips in webdataset and/or MDS shards")
-    p.add_argument("inputs", type=Path, help="folder of .mp4/.webm/.avi files, PNG/JPG frame folders, .npy arrays")
+    p.add_argument("inputs", type=Path, nargs="+",
+                   help="folder(s) of .mp4/.webm/.avi files, PNG/JPG frame folders, .npy arrays; several folders "
+                        "(e.g. two recordings of one game) are encoded into one set")
     p.add_argument("--vae", type=Path, required=True, help="local diffusers VAE folder (AutoencoderKL/DC)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--format", default="webdataset,mds", help="webdataset, mds, or webdataset,mds")

@@ -3,6 +3,7 @@
     scd-eval --scd runs/scd --baseline runs/dense --preset tiny
     scd-eval --scd runs/scd_m --baseline runs/dit_m --preset minecraft-official \\
         --lpips-backbone weights/alexnet-owt-7be5be79.pth --fvd-i3d weights/i3d_torchscript.pt
+    scd-eval --scd runs/breakout_scd --baseline runs/breakout_dense --emulator   # against the real game
 
 Writes ``eval.json``, ``samples/grid.{mp4,gif}`` and ``samples/contact_sheet.png`` under --out
 (default: <first model's run directory>/eval), prints a table and logs to wandb (offline unless
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from scd_train.config import ConfigError, to_dict
+from scd_train.errors import ScdError
 from scd_train.eval.protocol import PRESETS, EvalProtocol, build_protocol
 
 PROTOCOL_FLAGS = ("context", "unroll", "trajectories", "clips", "batch_clips", "steps", "cfg_scale", "seed",
@@ -51,7 +53,59 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     p.add_argument("--wandb-project", default="scd-train")
+    world = p.add_argument_group("against the emulator (models trained on `scd-data record` data)")
+    world.add_argument("--emulator", action="store_true",
+                       help="replay the real game from held-out states: rollout PSNR/SSIM per horizon and action "
+                            "accuracy, beside copy-last-frame and the VAE ceiling (--context and --steps apply)")
+    world.add_argument("--starts", type=int, default=16, help="held-out game states")
+    world.add_argument("--horizons", default="1,4,16", help="generated frames scored, comma-separated")
+    world.add_argument("--branches", type=int, default=2, help="action sequences replayed from each state")
+    world.add_argument("--branch-frames", type=int, default=8, help="frames per branch")
+    world.add_argument("--warmup", type=int, default=48, help="policy steps before a state, drawn from 0..N")
+    world.add_argument("--videos", type=int, default=3, help="states written as side-by-side branch videos")
     return p.parse_args(argv)
+
+
+def emulator_protocol(args: argparse.Namespace):
+    from scd_train.eval.emulator import EmulatorProtocol
+
+    ignored = [f"--{n.replace('_', '-')}" for n in ("unroll", "trajectories", "clips", "batch_clips", "cfg_scale",
+                                                     "compat", "mp4_crf") if getattr(args, n) is not None]
+    if ignored:
+        raise EvalInputError(f"{', '.join(ignored)} do not apply with --emulator (use --starts, --horizons, "
+                             "--branches, --branch-frames)")
+    try:
+        horizons = sorted({int(h) for h in args.horizons.split(",")})
+    except ValueError:
+        raise EvalInputError(f"--horizons {args.horizons!r}: expected comma-separated frame counts, e.g. 1,4,16") \
+            from None
+    defaults = EmulatorProtocol()
+    protocol = EmulatorProtocol(starts=args.starts, context=args.context or defaults.context, horizons=horizons,
+                                branches=args.branches, branch_frames=args.branch_frames, warmup=args.warmup,
+                                steps=args.steps, seed=args.seed or 0, videos=args.videos)
+    protocol.validate()
+    return protocol
+
+
+def run_emulator(args: argparse.Namespace) -> int:
+    from scd_train.eval.emulator_run import RESULT_FILE, print_emulator_table, run_emulator_eval
+
+    if args.scd is None and args.baseline is None:
+        raise EvalInputError("give --scd and/or --baseline (a run directory or an exported .safetensors)")
+    protocol = emulator_protocol(args)
+    from scd_train.eval.evaluate import Candidate
+    from scd_train.weights import load_model
+
+    candidates = []
+    for name, source in (("scd", args.scd), ("baseline", args.baseline)):
+        if source is not None:
+            model, cfg = load_model(source, use_ema=not args.raw, device=args.device)
+            candidates.append(Candidate(name, model, cfg, str(source)))
+    out = args.out or default_out(args.scd or args.baseline)
+    data = run_emulator_eval(candidates, protocol, out, args.device, log=lambda m: print(m, file=sys.stderr))
+    print_emulator_table(data)
+    print(f"wrote {out / RESULT_FILE}")
+    return 0
 
 
 def load_feature_networks(args: argparse.Namespace, protocol: EvalProtocol):
@@ -95,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     from scd_train.eval.report import flat_scalars, log_to_wandb, print_table, write_json
     from scd_train.eval.sheets import write_contact_sheet, write_grid_videos
 
+    if args.emulator:
+        return run_emulator(args)
     if args.scd is None and args.baseline is None:
         raise EvalInputError("give --scd and/or --baseline (a run directory or an exported .safetensors)")
     protocol = build_protocol(args.preset, {n: getattr(args, n) for n in PROTOCOL_FLAGS})
@@ -130,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except (EvalInputError, ConfigError, FileNotFoundError, KeyError, ValueError, NotImplementedError) as exc:
         print(f"scd-eval: {exc}", file=sys.stderr)
         return 2
+    except ScdError as exc:
+        print(f"scd-eval: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,151 @@
+"""``scd-eval --emulator``: SCD, the dense baseline, copy-last-frame and the VAE ceiling, scored
+against the real game from held-out states; ``emulator_eval.json``, a table and branch videos.
+
+    scd-eval --scd runs/breakout_scd --baseline runs/breakout_dense --emulator --starts 16
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scd_train.data.manifest import Manifest, load_manifest
+from scd_train.data.vae_codec import VaeCodec
+from scd_train.errors import InputError
+from scd_train.eval.against_emulator import (
+    REFERENCES,
+    Predictions,
+    Truth,
+    model_predictions,
+    reference_predictions,
+    score,
+)
+from scd_train.eval.emulator import EmulatorProtocol, WorldSpec, collect_states
+from scd_train.eval.evaluate import Candidate
+from scd_train.eval.report import write_json
+from scd_train.eval.sheets import grid_video
+from scd_train.metrics.timing import MachineLoad
+from scd_train.video import write_gif, write_mp4
+
+LABELS = {"scd": "SCD", "baseline": "dense baseline", "copy_last": "copy last frame", "vae_ceiling": "VAE ceiling"}
+RESULT_FILE = "emulator_eval.json"
+
+
+def training_world(candidates: list[Candidate]) -> tuple[WorldSpec, Manifest]:
+    """The world every candidate was trained on; all must share it (and its VAE)."""
+    found = []
+    for cand in candidates:
+        if cand.cfg.data.path is None:
+            raise InputError(f"{cand.source}: data.path is not set; the emulator evaluation reads the training "
+                             "manifest's source block to know which game to replay")
+        manifest = load_manifest(cand.cfg.data.path, f"data.path of {cand.source}")
+        found.append((cand, WorldSpec.from_source(manifest.source, f"{manifest.root}/manifest.json"), manifest))
+    first, world, manifest = found[0]
+    for cand, other, other_manifest in found[1:]:
+        if other != world:
+            raise InputError(f"{first.source} was trained on {world.to_dict()} but {cand.source} on "
+                             f"{other.to_dict()}; compare models of one world")
+        if other_manifest.vae.get("config_sha256") != manifest.vae.get("config_sha256"):
+            raise InputError(f"{first.source} and {cand.source} were trained on latents of different VAEs "
+                             f"({manifest.vae.get('id')} vs {other_manifest.vae.get('id')})")
+    return world, manifest
+
+
+def check_fit(candidates: list[Candidate], world: WorldSpec, codec: VaeCodec, protocol: EmulatorProtocol) -> None:
+    latent = codec.latent_shape(world.size, world.size)
+    for cand in candidates:
+        m = cand.cfg.model
+        if (m.latent_channels, m.latent_height, m.latent_width) != latent:
+            raise InputError(f"{cand.source}: {world.size}x{world.size} frames of {world.env} encode to latents "
+                             f"{latent} but the model expects (model.latent_channels, model.latent_height, "
+                             f"model.latent_width)={(m.latent_channels, m.latent_height, m.latent_width)}")
+        longest = protocol.context + max(protocol.rollout_frames, protocol.branch_frames)
+        if longest > m.max_frames:
+            raise InputError(f"{cand.source}: context {protocol.context} + {longest - protocol.context} generated "
+                             f"frames exceed its model.max_frames={m.max_frames}")
+
+
+def branch_videos(truth: Truth, predictions: dict[str, Predictions], protocol: EmulatorProtocol,
+                  out_dir: Path) -> list[str]:
+    """One video per state: a row per branch, columns context | real | each model (generated frames framed)."""
+    written = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(min(protocol.videos, truth.context.shape[0])):
+        context = truth.context[n]
+        real = [torch.cat([context, truth.branches[n, b]]) for b in range(protocol.branches)]
+        models = {LABELS.get(name, name): [torch.cat([context, p.branches[n, b]]) for b in range(protocol.branches)]
+                  for name, p in predictions.items()}
+        grid = grid_video(real, models, protocol.context, scale=max(1, 128 // context.shape[-1]))
+        stem = out_dir / f"state_{n:03d}"
+        written += [str(write_mp4(grid, stem.with_suffix(".mp4"), fps=4)), str(write_gif(grid, stem.with_suffix(".gif"),
+                                                                                          fps=4))]
+    return written
+
+
+def run_emulator_eval(candidates: list[Candidate], protocol: EmulatorProtocol, out: Path,
+                      device: torch.device | str = "cpu", log=print) -> dict:
+    protocol.validate()
+    device = torch.device(device)
+    world, manifest = training_world(candidates)
+    vae_path = candidates[0].cfg.data.vae_path or manifest.vae["path"]
+    codec = VaeCodec(vae_path, manifest.normalization, device, expected_config_sha256=manifest.vae.get("config_sha256"))
+    check_fit(candidates, world, codec, protocol)
+    load = MachineLoad.now()
+    start = time.perf_counter()
+    states, skipped = collect_states(world, protocol, progress=lambda n: log(f"emulator: {n}/{protocol.starts} states"))
+    emulator_seconds = time.perf_counter() - start
+    truth = Truth.from_states(states)
+    predictions = {c.name: model_predictions(c, states, codec.encode, codec.decode, protocol, device)
+                   for c in candidates}
+    references = reference_predictions(truth, codec.encode, codec.decode)
+    results = {name: score(p, truth, protocol) for name, p in {**predictions, **references}.items()}
+    for cand in candidates:
+        results[cand.name]["source"] = cand.source
+        results[cand.name]["arch"] = cand.cfg.model.arch
+    videos = branch_videos(truth, predictions, protocol, out / "branches") if protocol.videos else []
+    data = {"mode": "emulator", "world": world.to_dict(), "protocol": _protocol_dict(protocol),
+            "states": [{"episode_seed": s.episode_seed, "warmup_steps": s.warmup_steps} for s in states],
+            "episodes_passed_over": skipped, "emulator_seconds": emulator_seconds,
+            "vae": manifest.vae.get("id"), "models": results, "references": list(REFERENCES), "videos": videos,
+            "machine_load": load.to_dict()}
+    write_json(data, out / RESULT_FILE)
+    return data
+
+
+def _protocol_dict(protocol: EmulatorProtocol) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(protocol)
+
+
+def emulator_table(data: dict):
+    from rich.table import Table
+
+    models = data["models"]
+    names = list(models)
+    world = data["world"]
+    table = Table(title=f"{world['env']} vs the emulator: {len(data['states'])} held-out states, "
+                        f"context {data['protocol']['context']}")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(LABELS.get(name, name), justify="right")
+    for k in data["protocol"]["horizons"]:
+        table.add_row(f"PSNR @ frame {k} (dB) ↑", *[f"{models[n]['horizons'][str(k)]['psnr']:.2f}" for n in names])
+    for k in data["protocol"]["horizons"]:
+        table.add_row(f"SSIM @ frame {k} ↑", *[f"{models[n]['horizons'][str(k)]['ssim']:.3f}" for n in names])
+    table.add_row("action accuracy ↑", *[_percent(models[n]["action_accuracy"]) for n in names])
+    table.add_row("branch pairs scored", *[str(models[n]["action_pairs"]) for n in names])
+    return table
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or not np.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def print_emulator_table(data: dict) -> None:
+    from rich.console import Console
+
+    Console().print(emulator_table(data))
