@@ -78,10 +78,11 @@ def branch_videos(truth: Truth, predictions: dict[str, Predictions], protocol: E
         real = [torch.cat([context, truth.branches[n, b]]) for b in range(protocol.branches)]
         models = {LABELS.get(name, name): [torch.cat([context, p.branches[n, b]]) for b in range(protocol.branches)]
                   for name, p in predictions.items()}
-        grid = grid_video(real, models, protocol.context, scale=max(1, 128 // context.shape[-1]))
+        scale = max(1, 128 // context.shape[-1])
+        grid = grid_video(real, models, protocol.context, scale=scale, truth_label="real game")
         stem = out_dir / f"state_{n:03d}"
-        written += [str(write_mp4(grid, stem.with_suffix(".mp4"), fps=4)), str(write_gif(grid, stem.with_suffix(".gif"),
-                                                                                          fps=4))]
+        written += [str(write_mp4(grid, stem.with_suffix(".mp4"), fps=4)),
+                    str(write_gif(grid, stem.with_suffix(".gif"), fps=4))]
     return written
 
 
@@ -133,9 +134,9 @@ def emulator_table(data: dict):
     for name in names:
         table.add_column(LABELS.get(name, name), justify="right")
     for k in data["protocol"]["horizons"]:
-        table.add_row(f"PSNR @ frame {k} (dB) ↑", *[f"{models[n]['horizons'][str(k)]['psnr']:.2f}" for n in names])
+        table.add_row(f"PSNR @{k} (dB) ↑", *[f"{models[n]['horizons'][str(k)]['psnr']:.2f}" for n in names])
     for k in data["protocol"]["horizons"]:
-        table.add_row(f"SSIM @ frame {k} ↑", *[f"{models[n]['horizons'][str(k)]['ssim']:.3f}" for n in names])
+        table.add_row(f"SSIM @{k} ↑", *[f"{models[n]['horizons'][str(k)]['ssim']:.3f}" for n in names])
     table.add_row("action accuracy ↑", *[_percent(models[n]["action_accuracy"]) for n in names])
     table.add_row("branch pairs scored", *[str(models[n]["action_pairs"]) for n in names])
     return table
