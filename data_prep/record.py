@@ -154,7 +154,7 @@ def _check_existing(out: Path, settings: dict, opts: RecordOptions) -> None:
     except json.JSONDecodeError:
         previous = {}
     if previous.get("settings") == settings:
-        on_disk = {s: len(list((out / s).glob("episode-*.mp4"))) for s in SPLITS}
+        on_disk = {s: len([v for v in (out / s).glob("episode-*.mp4") if ".tmp" not in v.name]) for s in SPLITS}
         wanted = {"train": opts.episodes, "holdout": opts.holdout_count}
         extra = [s for s in SPLITS if on_disk[s] > wanted[s]]
         if extra and not opts.overwrite:

@@ -79,8 +79,8 @@ def test_the_action_stored_for_frame_t_is_the_one_that_produced_it_in_the_emulat
 def test_killed_recording_resumes_to_the_same_episodes_and_never_leaves_a_half_video(tmp_path, subprocess_env,
                                                                                      python_exe):
     out = tmp_path / "rec"
-    cmd = [python_exe, "-m", "data_prep", "record", "--env", BREAKOUT, "--episodes", "6", "--holdout-episodes", "1",
-           "--frames", "40", "--size", "32", "--out", str(out), "--quiet"]
+    cmd = [python_exe, "-m", "data_prep", "record", "--env", BREAKOUT, "--episodes", "10", "--holdout-episodes", "1",
+           "--frames", "60", "--size", "32", "--out", str(out), "--quiet"]
     proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len([v for v in (out / "train").glob("*.mp4") if ".tmp" not in v.name]) < 2:
@@ -90,17 +90,17 @@ def test_killed_recording_resumes_to_the_same_episodes_and_never_leaves_a_half_v
     partial = json.loads((out / "record.json").read_text())
     assert not partial["complete"]
     videos = sorted((out / "train").glob("episode-*.mp4"))
-    assert 2 <= len([v for v in videos if ".tmp" not in v.name]) < 6
+    assert 2 <= len([v for v in videos if ".tmp" not in v.name]) < 10
     for video in videos:
         if ".tmp" not in video.name:  # every finished name holds a whole episode
             assert len(read_mp4(video)) == json.loads(video.with_suffix(".json").read_text())["frames"]
     assert cli_main(cmd[3:]) == 0  # rerun in-process: finishes the rest
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     final = json.loads((out / "record.json").read_text())
-    assert final["complete"] and final["splits"]["train"]["episodes"] == 6
+    assert final["complete"] and final["splits"]["train"]["episodes"] == 10
     fresh = tmp_path / "fresh"
-    record(options(fresh, episodes=6, holdout_episodes=1, frames=40))
-    for split, count in (("train", 6), ("holdout", 1)):
+    record(options(fresh, episodes=10, holdout_episodes=1, frames=60, workers=2))
+    for split, count in (("train", 10), ("holdout", 1)):
         for i in range(count):
             np.testing.assert_array_equal(episode(out, split, i)[0], episode(fresh, split, i)[0])
             np.testing.assert_array_equal(episode(out, split, i)[1], episode(fresh, split, i)[1])
