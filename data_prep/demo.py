@@ -7,6 +7,8 @@ demo continues where it stopped. ``scd_train.demo`` then trains from the shards 
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,35 +94,51 @@ class WorldScale:
     progress: bool = True
 
 
-def prepare_world_shards(world: str, out: Path, scale: WorldScale, timings: dict[str, float] | None = None
-                         ) -> list[str]:
+class StageClock:
+    """Wall and CPU seconds (this process and its finished workers) of named stages, so a run on a busy
+    machine still tells how long each stage would take on an idle one."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    @staticmethod
+    def _cpu() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        print(f"== {name}", flush=True)
+        wall, cpu = time.perf_counter(), self._cpu()
+        try:
+            yield
+        finally:
+            self.seconds[name] = {"wall_s": time.perf_counter() - wall, "cpu_s": self._cpu() - cpu}
+
+
+def prepare_world_shards(world: str, out: Path, scale: WorldScale, clock: StageClock | None = None) -> list[str]:
     """Record ``world`` (breakout or crafter), train the VAE, encode and verify shards under ``out``;
     returns the overrides that point configs/<world>.yaml at them."""
-    timings = {} if timings is None else timings
-    _stage("record", timings)
-    workers = scale.workers or 2
-    summary = record(RecordOptions(WORLDS[world], out / "recording", episodes=scale.episodes,
-                                   holdout_episodes=scale.holdout_episodes, frames=scale.frames, size=scale.size,
-                                   workers=workers, progress=scale.progress))
-    print(f"recorded {summary.frames} frames ({summary.recorded} new episodes, {summary.short} ended early)")
-    _done("record", timings)
-
-    _stage("train-vae", timings)
-    vae = out / "vae"
-    if not (vae / "config.json").is_file():
-        report = train_vae(VaeTrainOptions(out / "recording" / "train", vae, size=scale.size, steps=scale.vae_steps,
-                                           batch_size=scale.vae_batch, progress=scale.progress))
-        print(f"VAE reconstruction PSNR {report['psnr_db']:.1f} dB")
-    _done("train-vae", timings)
-
-    _stage("encode", timings)
-    for split, stride in (("train", scale.stride), ("holdout", WORLD_CLIP_FRAMES)):
-        summary = encode(EncodeOptions(out / "recording" / split, out / "shards" / split, vae, height=scale.size,
-                                       width=scale.size, clip_frames=WORLD_CLIP_FRAMES, stride=stride,
-                                       workers=scale.workers, progress=scale.progress))
-        print(f"{split}: {summary.clips} clips, {summary.frames_per_second:.0f} frames/s, {len(summary.bad)} bad")
-        report = verify(out / "shards" / split, progress=False)
-        if not report.ok:
-            raise RuntimeError(f"verify {split}: {report.problems[:3]}")
-    _done("encode", timings)
+    clock = clock or StageClock()
+    with clock.stage("record"):
+        summary = record(RecordOptions(WORLDS[world], out / "recording", episodes=scale.episodes,
+                                       holdout_episodes=scale.holdout_episodes, frames=scale.frames, size=scale.size,
+                                       workers=scale.workers or 2, progress=scale.progress))
+        print(f"recorded {summary.frames} frames ({summary.recorded} new episodes, {summary.short} ended early)")
+    with clock.stage("train-vae"):
+        vae = out / "vae"
+        if not (vae / "config.json").is_file():
+            report = train_vae(VaeTrainOptions(out / "recording" / "train", vae, size=scale.size,
+                                               steps=scale.vae_steps, batch_size=scale.vae_batch,
+                                               progress=scale.progress))
+            print(f"VAE reconstruction PSNR {report['psnr_db']:.1f} dB")
+    with clock.stage("encode"):
+        for split, stride in (("train", scale.stride), ("holdout", WORLD_CLIP_FRAMES)):
+            summary = encode(EncodeOptions(out / "recording" / split, out / "shards" / split, vae, height=scale.size,
+                                           width=scale.size, clip_frames=WORLD_CLIP_FRAMES, stride=stride,
+                                           workers=scale.workers, progress=scale.progress))
+            print(f"{split}: {summary.clips} clips, {summary.frames_per_second:.0f} frames/s, {len(summary.bad)} bad")
+            report = verify(out / "shards" / split, progress=False)
+            if not report.ok:
+                raise RuntimeError(f"verify {split}: {report.problems[:3]}")
     return [f"data.path={out / 'shards' / 'train'}", f"data.holdout_path={out / 'shards' / 'holdout'}"]

@@ -144,10 +144,8 @@ def run_demo(cfg: Config, eval_clips: int, context: int) -> dict:
     return summary
 
 
-def run_world_demo(cfg: Config, world: str, eval_starts: int, context: int, timings: dict[str, float]) -> dict:
+def run_world_demo(cfg: Config, world: str, eval_starts: int, context: int, clock) -> dict:
     """Train on the recorded game, sample held-out clips, then score the model against the emulator."""
-    import time
-
     from scd_train.eval.emulator import EmulatorProtocol
     from scd_train.eval.emulator_run import run_emulator_eval
     from scd_train.eval.evaluate import Candidate
@@ -156,21 +154,18 @@ def run_world_demo(cfg: Config, world: str, eval_starts: int, context: int, timi
     if (run_dir / "config.yaml").exists():
         shutil.rmtree(run_dir)
     torch.manual_seed(cfg.train.seed)
-    start = time.perf_counter()
-    result = train(cfg)
-    timings["train"] = time.perf_counter() - start
-    start = time.perf_counter()
-    model, model_cfg = load_model(run_dir)
-    request = SampleRequest(clips=4, context=context, unroll=holdout_frames(cfg) - context)
-    batch, rollout, codec = rollout_clips(model, model_cfg, request)
-    samples = write_samples(batch.latents, rollout, codec, context, run_dir / "samples", batch.keys)
-    curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", f"SCD world model of {world}")
-    timings["sample"] = time.perf_counter() - start
-    start = time.perf_counter()
-    protocol = EmulatorProtocol(starts=eval_starts, context=context, videos=2)
-    scores = run_emulator_eval([Candidate("scd", model, model_cfg, str(run_dir))], protocol, run_dir / "eval",
-                               log=lambda message: None)
-    timings["score"] = time.perf_counter() - start
+    with clock.stage("train"):
+        result = train(cfg)
+    with clock.stage("sample"):
+        model, model_cfg = load_model(run_dir)
+        request = SampleRequest(clips=4, context=context, unroll=holdout_frames(cfg) - context)
+        batch, rollout, codec = rollout_clips(model, model_cfg, request)
+        samples = write_samples(batch.latents, rollout, codec, context, run_dir / "samples", batch.keys)
+        curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", f"SCD world model of {world}")
+    with clock.stage("score"):
+        protocol = EmulatorProtocol(starts=eval_starts, context=context, videos=2)
+        scores = run_emulator_eval([Candidate("scd", model, model_cfg, str(run_dir))], protocol, run_dir / "eval",
+                                   log=lambda message: None)
     summary = {
         "world": world,
         "steps": result.step,
@@ -179,7 +174,7 @@ def run_world_demo(cfg: Config, world: str, eval_starts: int, context: int, timi
         "emulator": {name: {"horizons": m["horizons"], "action_accuracy": m["action_accuracy"],
                             "action_pairs": m["action_pairs"]} for name, m in scores["models"].items()},
         "emulator_states": len(scores["states"]),
-        "stage_seconds": timings,
+        "stage_seconds": clock.seconds,
         "samples": [str(p) for p in samples] + scores["videos"],
         "loss_curve": str(curve),
         "run_dir": str(run_dir),
@@ -204,8 +199,8 @@ def print_world_table(summary: dict) -> None:
     accuracy = scd["action_accuracy"]
     table.add_row(f"action accuracy ({scd['action_pairs']} branch pairs; 50% = ignores actions)",
                   "-" if accuracy is None else f"{100 * accuracy:.1f}%")
-    stages = ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
-    table.add_row("stage times", stages)
+    stages = ", ".join(f"{k} {v['wall_s']:.0f}s ({v['cpu_s']:.0f}s CPU)" for k, v in summary["stage_seconds"].items())
+    table.add_row("stage times (wall, CPU)", stages)
     table.add_row("run directory", summary["run_dir"])
     Console().print(table)
 
@@ -236,20 +231,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def world_main(args: argparse.Namespace) -> int:
-    import time
-
-    from data_prep.demo import WorldScale, prepare_world_shards
+    from data_prep.demo import StageClock, WorldScale, prepare_world_shards
     from scd_train.errors import ScdError
 
-    timings: dict[str, float] = {}
+    clock = StageClock()
     data_dir = args.data_dir if args.data_dir != DEFAULT_DATA_DIR else Path("demo_out") / args.world
     try:
-        start = time.perf_counter()
-        overrides = prepare_world_shards(args.world, data_dir, WorldScale(), timings)
-        timings["data"] = time.perf_counter() - start
+        overrides = prepare_world_shards(args.world, data_dir, WorldScale(), clock)
         cfg = load_config(args.config or WORLD_CONFIGS[args.world],
                           [*overrides, "train.run_dir=runs/demo", "train.resume=false", *args.overrides])
-        summary = run_world_demo(cfg, args.world, args.eval_starts, args.context, timings)
+        summary = run_world_demo(cfg, args.world, args.eval_starts, args.context, clock)
     except ScdError as exc:
         print(f"scd-demo: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -105,10 +105,10 @@ def test_encode_refuses_mixed_worlds_recording_roots_unfinished_recordings_and_w
     assert data_cli(["record", "--env", "crafter", "--episodes", "1", "--holdout-episodes", "0", "--frames", "14",
                      "--size", str(SIZE), "--out", str(tmp_path / "crafter"), "--quiet"]) == 0
 
-    def opts(inputs, **kw):
+    def opts(inputs, out=tmp_path / "out", **kw):
         base = dict(formats=["webdataset"], height=SIZE, width=SIZE, clip_frames=CLIP, stride=4, workers=1,
                     progress=False)
-        return EncodeOptions(inputs, tmp_path / "out", vae, **{**base, **kw})
+        return EncodeOptions(inputs, out, vae, **{**base, **kw})
 
     with pytest.raises(SourceError) as mixed:
         encode(opts([rec / "train", tmp_path / "crafter" / "train"]))
@@ -116,6 +116,12 @@ def test_encode_refuses_mixed_worlds_recording_roots_unfinished_recordings_and_w
     assert "ALE/Breakout-v5" in str(mixed.value)
     with pytest.raises(SourceError, match="root of a recording"):
         encode(opts(rec))
+    # two recordings of the same world (another seed) make one set with both listed
+    assert data_cli(["record", "--env", "ALE/Breakout-v5", "--episodes", "1", "--holdout-episodes", "0", "--frames",
+                     "14", "--size", str(SIZE), "--seed", "5", "--out", str(tmp_path / "second"), "--quiet"]) == 0
+    both = encode(opts([rec / "train", tmp_path / "second" / "train"], clip_frames=8, out=tmp_path / "both"))
+    source = load_manifest(tmp_path / "both").source
+    assert [r["seed"] for r in source["recordings"]] == [0, 5] and both.videos == 5 and not both.bad
     with pytest.raises(SourceError, match="recorded at 32x32"):
         encode(opts(rec / "train", height=64, width=64))
     with pytest.raises(SourceError, match=r"--num-actions 5 .* records 4 actions \(NOOP, FIRE, RIGHT, LEFT\)"):

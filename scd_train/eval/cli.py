@@ -66,48 +66,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def emulator_protocol(args: argparse.Namespace):
-    from scd_train.eval.emulator import EmulatorProtocol
-
-    ignored = [f"--{n.replace('_', '-')}" for n in ("unroll", "trajectories", "clips", "batch_clips", "cfg_scale",
-                                                     "compat", "mp4_crf") if getattr(args, n) is not None]
-    if ignored:
-        raise EvalInputError(f"{', '.join(ignored)} do not apply with --emulator (use --starts, --horizons, "
-                             "--branches, --branch-frames)")
-    try:
-        horizons = sorted({int(h) for h in args.horizons.split(",")})
-    except ValueError:
-        raise EvalInputError(f"--horizons {args.horizons!r}: expected comma-separated frame counts, e.g. 1,4,16") \
-            from None
-    defaults = EmulatorProtocol()
-    protocol = EmulatorProtocol(starts=args.starts, context=args.context or defaults.context, horizons=horizons,
-                                branches=args.branches, branch_frames=args.branch_frames, warmup=args.warmup,
-                                steps=args.steps, seed=args.seed or 0, videos=args.videos)
-    protocol.validate()
-    return protocol
-
-
-def run_emulator(args: argparse.Namespace) -> int:
-    from scd_train.eval.emulator_run import RESULT_FILE, print_emulator_table, run_emulator_eval
-
-    if args.scd is None and args.baseline is None:
-        raise EvalInputError("give --scd and/or --baseline (a run directory or an exported .safetensors)")
-    protocol = emulator_protocol(args)
-    from scd_train.eval.evaluate import Candidate
-    from scd_train.weights import load_model
-
-    candidates = []
-    for name, source in (("scd", args.scd), ("baseline", args.baseline)):
-        if source is not None:
-            model, cfg = load_model(source, use_ema=not args.raw, device=args.device)
-            candidates.append(Candidate(name, model, cfg, str(source)))
-    out = args.out or default_out(args.scd or args.baseline)
-    data = run_emulator_eval(candidates, protocol, out, args.device, log=lambda m: print(m, file=sys.stderr))
-    print_emulator_table(data)
-    print(f"wrote {out / RESULT_FILE}")
-    return 0
-
-
 def load_feature_networks(args: argparse.Namespace, protocol: EvalProtocol):
     from scd_train.eval.evaluate import FeatureNetworks
     from scd_train.eval.feature_metrics import LPIPS, VideoFeatures
@@ -150,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     from scd_train.eval.sheets import write_contact_sheet, write_grid_videos
 
     if args.emulator:
-        return run_emulator(args)
+        from scd_train.eval.emulator_run import run_from_args
+
+        return run_from_args(args, default_out(args.scd or args.baseline) if (args.scd or args.baseline) else None)
     if args.scd is None and args.baseline is None:
         raise EvalInputError("give --scd and/or --baseline (a run directory or an exported .safetensors)")
     protocol = build_protocol(args.preset, {n: getattr(args, n) for n in PROTOCOL_FLAGS})

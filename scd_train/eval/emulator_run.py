@@ -6,6 +6,8 @@ against the real game from held-out states; ``emulator_eval.json``, a table and 
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -150,3 +152,57 @@ def print_emulator_table(data: dict) -> None:
     from rich.console import Console
 
     Console().print(emulator_table(data))
+
+
+EVAL_ONLY_FLAGS = ("unroll", "trajectories", "clips", "batch_clips", "cfg_scale", "compat", "mp4_crf")
+
+
+def protocol_from_args(args: argparse.Namespace) -> EmulatorProtocol:
+    given = [f"--{n.replace('_', '-')}" for n in EVAL_ONLY_FLAGS if getattr(args, n) is not None]
+    if given:
+        raise InputError(f"{', '.join(given)} do not apply with --emulator (use --starts, --horizons, --branches, "
+                         "--branch-frames)")
+    try:
+        horizons = sorted({int(h) for h in args.horizons.split(",")})
+    except ValueError:
+        raise InputError(f"--horizons {args.horizons!r}: expected comma-separated frame counts, e.g. 1,4,16") \
+            from None
+    protocol = EmulatorProtocol(starts=args.starts, context=args.context or EmulatorProtocol().context,
+                                horizons=horizons, branches=args.branches, branch_frames=args.branch_frames,
+                                warmup=args.warmup, steps=args.steps, seed=args.seed or 0, videos=args.videos)
+    protocol.validate()
+    return protocol
+
+
+def flat_scalars(data: dict) -> dict[str, float]:
+    out = {}
+    for name, scores in data["models"].items():
+        for k, values in scores["horizons"].items():
+            out[f"emulator/{name}/psnr@{k}"] = values["psnr"]
+            out[f"emulator/{name}/ssim@{k}"] = values["ssim"]
+        if scores["action_accuracy"] is not None:
+            out[f"emulator/{name}/action_accuracy"] = scores["action_accuracy"]
+    return out
+
+
+def run_from_args(args: argparse.Namespace, default_out: Path | None) -> int:
+    """The ``--emulator`` mode of scd-eval."""
+    from scd_train.eval.report import log_to_wandb
+    from scd_train.weights import load_model
+
+    if args.scd is None and args.baseline is None:
+        raise InputError("give --scd and/or --baseline (a run directory or an exported .safetensors)")
+    protocol = protocol_from_args(args)
+    candidates = []
+    for name, source in (("scd", args.scd), ("baseline", args.baseline)):
+        if source is not None:
+            model, cfg = load_model(source, use_ema=not args.raw, device=args.device)
+            candidates.append(Candidate(name, model, cfg, str(source)))
+    out = args.out or default_out
+    data = run_emulator_eval(candidates, protocol, out, args.device, log=lambda m: print(m, file=sys.stderr))
+    print_emulator_table(data)
+    media = [("video", f"emulator/branches_{i}", Path(v)) for i, v in enumerate(data["videos"]) if v.endswith(".mp4")]
+    log_to_wandb(args.wandb, out, args.wandb_project, f"emulator-{out.parent.name}",
+                 {"protocol": data["protocol"], "world": data["world"]}, flat_scalars(data), media)
+    print(f"wrote {out / RESULT_FILE}")
+    return 0
