@@ -58,6 +58,12 @@ class Scale:
 QUICK = Scale(episodes=6, holdout_episodes=2, frames=80, vae_steps=40, steps=20, chunks=2, starts=3)
 
 
+def vae_geometry(world: str, size: int = 64) -> tuple[int, int]:
+    """(spatial compression, latent channels) that give the latents configs/<world>.yaml expects."""
+    model = load_config(REPO / "configs" / f"{world}.yaml").model
+    return size // model.latent_height, model.latent_channels
+
+
 def prepare_data(world: str, work: Path, scale: Scale, workers: int) -> dict:
     stages = {}
     start = time.perf_counter()
@@ -67,7 +73,9 @@ def prepare_data(world: str, work: Path, scale: Scale, workers: int) -> dict:
     vae = work / "vae"
     start = time.perf_counter()
     if not (vae / "config.json").is_file():
-        train_vae(VaeTrainOptions(work / "recording" / "train", vae, steps=scale.vae_steps, batch_size=16))
+        compression, channels = vae_geometry(world)
+        train_vae(VaeTrainOptions(work / "recording" / "train", vae, steps=scale.vae_steps, batch_size=16,
+                                  compression=compression, latent_channels=channels))
     stages["train_vae_s"] = time.perf_counter() - start
     vae_report = json.loads((vae / "training.json").read_text())
     start = time.perf_counter()
@@ -79,7 +87,9 @@ def prepare_data(world: str, work: Path, scale: Scale, workers: int) -> dict:
     stages["encode_s"] = time.perf_counter() - start
     return {"env": WORLDS[world], "episodes": {s: len(v) for s, v in rec.episodes.items()}, "frames": rec.frames,
             "short_episodes": rec.short, "clips": clips, "clip_frames": WORLD_CLIP_FRAMES,
-            "vae": {"steps": vae_report["steps"], "reconstruction_psnr_db": vae_report["psnr_db"]},
+            "vae": {"steps": vae_report["steps"], "reconstruction_psnr_db": vae_report["psnr_db"],
+                    "compression": vae_report["options"]["compression"],
+                    "latent_channels": vae_report["options"]["latent_channels"]},
             "stage_seconds": stages}
 
 

@@ -89,6 +89,9 @@ class WorldScale:
     size: int = 64
     vae_steps: int = 150
     vae_batch: int = 8
+    # the VAE's geometry must give the latents the world config expects (scd_train.demo reads it there)
+    compression: int = 4
+    latent_channels: int = 4
     stride: int = 4
     workers: int | None = None
     progress: bool = True
@@ -130,6 +133,7 @@ def prepare_world_shards(world: str, out: Path, scale: WorldScale, clock: StageC
         if not (vae / "config.json").is_file():
             report = train_vae(VaeTrainOptions(out / "recording" / "train", vae, size=scale.size,
                                                steps=scale.vae_steps, batch_size=scale.vae_batch,
+                                               compression=scale.compression, latent_channels=scale.latent_channels,
                                                progress=scale.progress))
             print(f"VAE reconstruction PSNR {report['psnr_db']:.1f} dB")
     with clock.stage("encode"):

@@ -236,10 +236,13 @@ def world_main(args: argparse.Namespace) -> int:
 
     clock = StageClock()
     data_dir = args.data_dir if args.data_dir != DEFAULT_DATA_DIR else Path("demo_out") / args.world
+    config = args.config or WORLD_CONFIGS[args.world]
+    model = load_config(config, args.overrides).model
+    scale = WorldScale()
+    scale.compression, scale.latent_channels = scale.size // model.latent_height, model.latent_channels
     try:
-        overrides = prepare_world_shards(args.world, data_dir, WorldScale(), clock)
-        cfg = load_config(args.config or WORLD_CONFIGS[args.world],
-                          [*overrides, "train.run_dir=runs/demo", "train.resume=false", *args.overrides])
+        overrides = prepare_world_shards(args.world, data_dir, scale, clock)
+        cfg = load_config(config, [*overrides, "train.run_dir=runs/demo", "train.resume=false", *args.overrides])
         summary = run_world_demo(cfg, args.world, args.eval_starts, args.context, clock)
     except ScdError as exc:
         print(f"scd-demo: {exc}", file=sys.stderr)
