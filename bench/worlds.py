@@ -49,13 +49,15 @@ class Scale:
     episodes: int = 32
     holdout_episodes: int = 4
     frames: int = 200
-    vae_steps: int = 300
+    vae_steps: int = 1500
+    foreground_weight: float = 20.0
     steps: int = 300
     chunks: int = 3
     starts: int = 16
 
 
-QUICK = Scale(episodes=6, holdout_episodes=2, frames=80, vae_steps=40, steps=20, chunks=2, starts=3)
+QUICK = Scale(episodes=6, holdout_episodes=2, frames=80, vae_steps=40, foreground_weight=20.0, steps=20, chunks=2,
+              starts=3)
 
 
 def vae_geometry(world: str, size: int = 64) -> tuple[int, int]:
@@ -75,7 +77,8 @@ def prepare_data(world: str, work: Path, scale: Scale, workers: int) -> dict:
     if not (vae / "config.json").is_file():
         compression, channels = vae_geometry(world)
         train_vae(VaeTrainOptions(work / "recording" / "train", vae, steps=scale.vae_steps, batch_size=16,
-                                  compression=compression, latent_channels=channels))
+                                  compression=compression, latent_channels=channels,
+                                  foreground_weight=scale.foreground_weight))
     stages["train_vae_s"] = time.perf_counter() - start
     vae_report = json.loads((vae / "training.json").read_text())
     start = time.perf_counter()
@@ -88,6 +91,8 @@ def prepare_data(world: str, work: Path, scale: Scale, workers: int) -> dict:
     return {"env": WORLDS[world], "episodes": {s: len(v) for s, v in rec.episodes.items()}, "frames": rec.frames,
             "short_episodes": rec.short, "clips": clips, "clip_frames": WORLD_CLIP_FRAMES,
             "vae": {"steps": vae_report["steps"], "reconstruction_psnr_db": vae_report["psnr_db"],
+                    "foreground_psnr_db": vae_report.get("foreground_psnr_db"),
+                    "foreground_weight": vae_report["options"].get("foreground_weight", 0.0),
                     "compression": vae_report["options"]["compression"],
                     "latent_channels": vae_report["options"]["latent_channels"]},
             "stage_seconds": stages}

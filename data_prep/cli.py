@@ -56,10 +56,12 @@ def _train_vae(args: argparse.Namespace) -> int:
     opts = VaeTrainOptions(args.videos, args.out, size=args.size, latent_channels=args.latent_channels,
                            compression=args.compression, base_channels=args.base_channels, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, overwrite=args.overwrite,
-                           progress=not args.quiet)
+                           foreground_weight=args.foreground_weight, progress=not args.quiet)
     report = train_vae(opts)
+    foreground = report.get("foreground_psnr_db")
+    moving = "" if foreground is None else f" ({foreground:.1f} dB off the static background)"
     print(f"train-vae: {report['steps']} steps in {report['seconds']:.0f}s on {report['frames']} frames, "
-          f"reconstruction PSNR {report['psnr_db']:.1f} dB; saved {args.out}")
+          f"reconstruction PSNR {report['psnr_db']:.1f} dB{moving}; saved {args.out}")
     for line in report["unreadable_inputs"]:
         print(f"  unreadable: {line}")
     return 0
@@ -166,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--foreground-weight", type=float, default=0.0,
+                   help="extra loss weight of pixels that differ from the median frame (small moving objects)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")

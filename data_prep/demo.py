@@ -89,6 +89,8 @@ class WorldScale:
     size: int = 64
     vae_steps: int = 150
     vae_batch: int = 8
+    # small moving objects (Breakout's paddle and ball) are erased by an unweighted VAE: see train_vae
+    foreground_weight: float = 20.0
     # the VAE's geometry must give the latents the world config expects (scd_train.demo reads it there)
     compression: int = 4
     latent_channels: int = 4
@@ -134,7 +136,7 @@ def prepare_world_shards(world: str, out: Path, scale: WorldScale, clock: StageC
             report = train_vae(VaeTrainOptions(out / "recording" / "train", vae, size=scale.size,
                                                steps=scale.vae_steps, batch_size=scale.vae_batch,
                                                compression=scale.compression, latent_channels=scale.latent_channels,
-                                               progress=scale.progress))
+                                               foreground_weight=scale.foreground_weight, progress=scale.progress))
             print(f"VAE reconstruction PSNR {report['psnr_db']:.1f} dB")
     with clock.stage("encode"):
         for split, stride in (("train", scale.stride), ("holdout", WORLD_CLIP_FRAMES)):

@@ -220,3 +220,17 @@ def test_crafter_end_to_end(tmp_path, capsys):
     assert data["world"]["env"] == "crafter" and set(data["models"]) == {"scd", "copy_last", "vae_ceiling"}
     assert data["models"]["scd"]["action_pairs"] + data["models"]["scd"]["identical_real_pairs"] == 2 * 6
     assert "crafter vs the emulator" in capsys.readouterr().out
+
+
+def test_vae_foreground_weighting_finds_what_moves_over_a_static_background():
+    from data_prep.train_vae import foreground_mask, median_frame
+
+    frames = torch.zeros(9, 3, 16, 16, dtype=torch.uint8)
+    frames[:, 0, :2] = 200  # a static red band (like Breakout's bricks)
+    for i in range(9):
+        frames[i, :, 12:14, i:i + 3] = 255  # a small paddle sliding along the bottom
+    background = median_frame(frames)
+    assert torch.allclose(background[0, :2], torch.full((2, 16), 200 / 127.5 - 1)) and background[:, 12:].max() == -1
+    mask = foreground_mask(frames.float() / 127.5 - 1, background)
+    assert mask.shape == (9, 1, 16, 16)
+    assert mask[:, 0, 12:14].sum(dim=(1, 2)).tolist() == [6.0] * 9 and mask[:, 0, :12].sum() == 0
