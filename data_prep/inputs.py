@@ -11,13 +11,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scd_train.errors import InputError, MissingInput
+
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIX = ".npy"
 ACTIONS_SUFFIX = ".actions.npy"
 
 
-class BadInput(Exception):
+class BadInput(InputError):
     """One input cannot be used; the message says why. Counted and reported, never silently dropped."""
 
 
@@ -47,7 +49,7 @@ def list_inputs(roots: str | Path | list[Path]) -> list[VideoInput]:
     roots = [Path(r) for r in roots] if isinstance(roots, (list, tuple)) else [Path(roots)]
     for root in roots:
         if not root.is_dir():
-            raise FileNotFoundError(f"input directory {root} does not exist")
+            raise MissingInput(f"input directory {root} does not exist")
     base = roots[0] if len(roots) == 1 else Path(os.path.commonpath([r.resolve() for r in roots]))
     paths = sorted({p for root in roots for p in (root.resolve() if len(roots) > 1 else root).rglob("*")})
     found = []
@@ -65,7 +67,7 @@ def list_inputs(roots: str | Path | list[Path]) -> list[VideoInput]:
     stems: dict[str, str] = {}
     for inp in found:
         if inp.key_stem in stems:
-            raise ValueError(f"inputs {stems[inp.key_stem]!r} and {inp.name!r} map to the same sample key "
+            raise InputError(f"inputs {stems[inp.key_stem]!r} and {inp.name!r} map to the same sample key "
                              f"{inp.key_stem!r}; rename one")
         stems[inp.key_stem] = inp.name
     return found
@@ -136,8 +138,10 @@ def read_actions(inp: VideoInput, frames: int, num_actions: int | None) -> np.nd
         raise BadInput(f"actions shape {actions.shape} but the video has {frames} frames")
     if not np.issubdtype(actions.dtype, np.integer):
         raise BadInput(f"actions dtype {actions.dtype} is not an integer type")
-    if actions.size and (actions.min() < 0 or (num_actions is not None and actions.max() >= num_actions)):
-        raise BadInput(f"action ids outside [0, {num_actions})")
+    if actions.size and actions.min() < 0:
+        raise BadInput(f"negative action id {actions.min()} (ids count from 0)")
+    if actions.size and num_actions is not None and actions.max() >= num_actions:
+        raise BadInput(f"action id {actions.max()} but --num-actions {num_actions} allows [0, {num_actions - 1}]")
     return actions.astype(np.int64)
 
 

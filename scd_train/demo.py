@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from scd_train.cli import command
 from scd_train.config import Config, load_config
 from scd_train.eval.next_frame import next_frame_score
 from scd_train.eval.speed import SpeedSettings, compare_speed, paired_configs
@@ -205,6 +206,7 @@ def print_world_table(summary: dict) -> None:
     Console().print(table)
 
 
+@command("scd-demo")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scd-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", choices=sorted(DEFAULT_CONFIGS), default="shards",
@@ -232,7 +234,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def world_main(args: argparse.Namespace) -> int:
     from data_prep.demo import StageClock, WorldScale, prepare_world_shards
-    from scd_train.errors import ScdError
 
     clock = StageClock()
     data_dir = args.data_dir if args.data_dir != DEFAULT_DATA_DIR else Path("demo_out") / args.world
@@ -240,13 +241,9 @@ def world_main(args: argparse.Namespace) -> int:
     model = load_config(config, args.overrides).model
     scale = WorldScale()
     scale.compression, scale.latent_channels = scale.size // model.latent_height, model.latent_channels
-    try:
-        overrides = prepare_world_shards(args.world, data_dir, scale, clock)
-        cfg = load_config(config, [*overrides, "train.run_dir=runs/demo", "train.resume=false", *args.overrides])
-        summary = run_world_demo(cfg, args.world, args.eval_starts, args.context, clock)
-    except ScdError as exc:
-        print(f"scd-demo: {exc}", file=sys.stderr)
-        return exc.exit_code
+    overrides = prepare_world_shards(args.world, data_dir, scale, clock)
+    cfg = load_config(config, [*overrides, "train.run_dir=runs/demo", "train.resume=false", *args.overrides])
+    summary = run_world_demo(cfg, args.world, args.eval_starts, args.context, clock)
     print_world_table(summary)
     print(f"samples: {Path(cfg.train.run_dir) / 'samples'}   branch videos: {Path(cfg.train.run_dir) / 'eval'}")
     return 0

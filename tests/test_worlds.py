@@ -133,7 +133,9 @@ def test_encode_refuses_mixed_worlds_recording_roots_unfinished_recordings_and_w
     with pytest.raises(SourceError, match="incomplete"):
         encode(opts(copy / "train"))
     (copy / "record.json").write_text(json.dumps(info))
-    write_mp4(np.zeros((40, 40, 40, 3), np.uint8), copy / "train" / "episode-000001.mp4", lossless=True)
+    # replaced at the recording's own frame rate, so only its frame size is wrong
+    write_mp4(np.zeros((40, 40, 40, 3), np.uint8), copy / "train" / "episode-000001.mp4", fps=info["settings"]["fps"],
+              lossless=True)
     summary = encode(opts(copy / "train"))
     assert [b["input"] for b in summary.bad] == ["episode-000001.mp4"]
     assert "frames are 40x40 but its recording's record.json says 32x32" in summary.bad[0]["reason"]

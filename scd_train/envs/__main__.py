@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scd_train.envs import EnvError, available_envs, make_env
+from scd_train.cli import command
+from scd_train.envs import available_envs, make_env
 
 
+@command("python -m scd_train.envs")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scd_train.envs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--actions", metavar="ID", help="print the action ids and names of this world")
@@ -16,11 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.actions is None:
         print("\n".join(available_envs()))
         return 0
-    try:
-        env = make_env(args.actions)
-    except EnvError as exc:
-        print(f"python -m scd_train.envs: {exc}", file=sys.stderr)
-        return exc.exit_code
+    env = make_env(args.actions)
     for i, name in enumerate(env.action_names):
         print(f"{i}\t{name}")
     env.close()

@@ -94,7 +94,8 @@ def run_emulator_eval(candidates: list[Candidate], protocol: EmulatorProtocol, o
     device = torch.device(device)
     world, manifest = training_world(candidates)
     vae_path = candidates[0].cfg.data.vae_path or manifest.vae["path"]
-    codec = VaeCodec(vae_path, manifest.normalization, device, expected_config_sha256=manifest.vae.get("config_sha256"))
+    codec = VaeCodec(vae_path, manifest.normalization, device, expected=manifest.vae,
+                     expected_label=str(manifest.root / "manifest.json"))
     check_fit(candidates, world, codec, protocol)
     load = MachineLoad.now()
     start = time.perf_counter()
@@ -162,11 +163,8 @@ def protocol_from_args(args: argparse.Namespace) -> EmulatorProtocol:
     if given:
         raise InputError(f"{', '.join(given)} do not apply with --emulator (use --starts, --horizons, --branches, "
                          "--branch-frames)")
-    try:
-        horizons = sorted({int(h) for h in args.horizons.split(",")})
-    except ValueError:
-        raise InputError(f"--horizons {args.horizons!r}: expected comma-separated frame counts, e.g. 1,4,16") \
-            from None
+    # parsed by scd-eval's one --horizons flag (a list of ints); None: the emulator's default horizons
+    horizons = sorted(set(args.horizons)) if args.horizons else list(EmulatorProtocol().horizons)
     protocol = EmulatorProtocol(starts=args.starts, context=args.context or EmulatorProtocol().context,
                                 horizons=horizons, branches=args.branches, branch_frames=args.branch_frames,
                                 warmup=args.warmup, steps=args.steps, seed=args.seed or 0, videos=args.videos)
