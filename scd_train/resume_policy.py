@@ -3,10 +3,11 @@
 Every setting is compared with the config saved inside the checkpoint:
 
 * **refused** (the run would silently train something else): the architecture (``model.*`` except
-  the training-only fields below, the attention window among them; also checked tensor by tensor against the shapes the checkpoint
-  recorded), whatever the saved data position depends on (``data.batch_size``, ``data.seed``,
-  ``data.source``), a move between a ZeRO-3 and a DCP checkpoint format, switching weight decay on
-  or off (it changes the parameter groups), and a world size the backend cannot reshard to;
+  the training-only fields below, the attention window among them; also checked tensor by tensor
+  against the shapes the checkpoint recorded), whatever the saved data position depends on
+  (``data.batch_size``, ``data.seed``, ``data.source``), a move between a ZeRO-3 and a DCP
+  checkpoint format, switching weight decay on or off (it changes the parameter groups), and a
+  world size the backend cannot reshard to;
 * **applied and logged**: everything else that shapes training, e.g. ``optim.lr`` and the per-module
   learning-rate ratios (the rates follow the new values from the resumed step on, and the logged
   ``lr/*`` show them), ``train.grad_accum`` (a different number of clips per update), the
