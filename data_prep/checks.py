@@ -61,8 +61,9 @@ def check_encode_options(opts) -> None:
     _positive_rate("--resample-fps", getattr(opts, "resample_fps", None))
     if getattr(opts, "resample_fps", None) is not None and getattr(opts, "allow_mixed_fps", False):
         raise InputError("--resample-fps and --allow-mixed-fps exclude each other: resampling leaves one rate")
-    if not Path(opts.inputs).is_dir():
-        raise InputError(f"input directory {opts.inputs} does not exist")
+    for folder in opts.inputs if isinstance(opts.inputs, (list, tuple)) else [opts.inputs]:
+        if not Path(folder).is_dir():
+            raise InputError(f"input directory {folder} does not exist")
     check_storage_url("--out", str(opts.out))
     if not is_remote(opts.out):
         _output_dir("--out", Path(opts.out))

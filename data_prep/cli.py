@@ -1,6 +1,7 @@
-"""Command line: ``scd-data synth | train-vae | encode | verify`` (also ``python -m data_prep``).
+"""Command line: ``scd-data synth | record | train-vae | encode | verify`` (also ``python -m data_prep``).
 
     scd-data synth --out data/videos --num-videos 256 --frames 32 --size 64
+    scd-data record --env ALE/Breakout-v5 --episodes 64 --frames 200 --size 64 --out data/breakout
     scd-data train-vae data/videos/train --out data/vae --steps 400
     scd-data encode data/videos/train --vae data/vae --out data/shards --clip-frames 16 --stride 8
     scd-data verify data/shards
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from scd_train.cli import run_cli
 
-SUBCOMMANDS = ("synth", "train-vae", "encode", "verify")
+SUBCOMMANDS = ("synth", "record", "train-vae", "encode", "verify")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -34,16 +35,35 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record(args: argparse.Namespace) -> int:
+    from data_prep.record import RecordOptions, record
+
+    opts = RecordOptions(args.env, args.out, episodes=args.episodes, frames=args.frames, size=args.size,
+                         policy=args.policy, seed=args.seed, holdout_episodes=args.holdout_episodes,
+                         workers=args.workers, frameskip=args.frameskip, sticky_actions=args.sticky_actions,
+                         resize=args.resize, reset_on_end=args.reset_on_end, fps=args.fps,
+                         overwrite=args.overwrite, progress=not args.quiet)
+    summary = record(opts)
+    splits = {s: len(v) for s, v in summary.episodes.items()}
+    print(f"record: {splits['train']} train + {splits['holdout']} held-out episodes of {args.env} in {args.out} "
+          f"({summary.recorded} recorded, {summary.kept} already present); {summary.frames} frames, "
+          f"{summary.short} episode(s) ended early, {summary.seconds:.1f}s")
+    print(f"  {summary.record_file}")
+    return 0
+
+
 def _train_vae(args: argparse.Namespace) -> int:
     from data_prep.train_vae import VaeTrainOptions, train_vae
 
     opts = VaeTrainOptions(args.videos, args.out, size=args.size, latent_channels=args.latent_channels,
                            compression=args.compression, base_channels=args.base_channels, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, overwrite=args.overwrite,
-                           progress=not args.quiet)
+                           foreground_weight=args.foreground_weight, progress=not args.quiet)
     report = train_vae(opts)
+    foreground = report.get("foreground_psnr_db")
+    moving = "" if foreground is None else f" ({foreground:.1f} dB off the static background)"
     print(f"train-vae: {report['steps']} steps in {report['seconds']:.0f}s on {report['frames']} frames, "
-          f"reconstruction PSNR {report['psnr_db']:.1f} dB; saved {args.out}")
+          f"reconstruction PSNR {report['psnr_db']:.1f} dB{moving}; saved {args.out}")
     for line in report["unreadable_inputs"]:
         print(f"  unreadable: {line}")
     return 0
@@ -124,6 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_synth)
 
+    p = sub.add_parser("record", help="play a game world (Atari, crafter) and write episode videos with actions")
+    p.add_argument("--env", required=True, help="ALE/<Game>-v5 or crafter (`python -m scd_train.envs` lists them)")
+    p.add_argument("--out", type=Path, required=True, help="folder for train/, holdout/ and record.json")
+    p.add_argument("--episodes", type=int, default=16, help="training episodes")
+    p.add_argument("--holdout-episodes", type=int, help="held-out episodes (default: episodes/8, at least 1)")
+    p.add_argument("--frames", type=int, default=200, help="frames per episode, the reset frame included")
+    p.add_argument("--size", type=int, default=64, help="side of the square frames written")
+    p.add_argument("--resize", choices=["stretch", "crop"],
+                   help="fit frames to the square by stretching or by scale-and-centre-crop "
+                        "(default: stretch for Atari, crop for crafter)")
+    p.add_argument("--policy", default="sticky",
+                   help="random, sticky (a random action held 1..8 steps), sticky:K, or module:function")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes recording episodes in parallel")
+    p.add_argument("--frameskip", type=int, help="emulator frames per agent step (default: Atari 4, crafter 1)")
+    p.add_argument("--sticky-actions", type=float, default=0.0,
+                   help="Atari repeat-action probability (off unless asked)")
+    p.add_argument("--reset-on-end", action="store_true",
+                   help="continue an episode that ends early with a reset (default: keep the shorter video)")
+    p.add_argument("--fps", type=int, default=15, help="frame rate written into the videos")
+    p.add_argument("--overwrite", action="store_true", help="discard a recording made with other settings")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_record)
+
     p = sub.add_parser("train-vae", help="train the small KL autoencoder and save it in diffusers format")
     p.add_argument("videos", type=Path, help="folder of videos, image folders or .npy arrays")
     p.add_argument("--out", type=Path, required=True)
@@ -134,13 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--foreground-weight", type=float, default=0.0,
+                   help="extra loss weight of pixels that differ from the median frame (small moving objects)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train_vae)
 
     p = sub.add_parser("encode", help="encode videos into latent clips in webdataset and/or MDS shards")
-    p.add_argument("inputs", type=Path, help="folder of .mp4/.webm/.avi files, PNG/JPG frame folders, .npy arrays")
+    p.add_argument("inputs", type=Path, nargs="+",
+                   help="folder(s) of .mp4/.webm/.avi files, PNG/JPG frame folders, .npy arrays; several folders "
+                        "(e.g. two recordings of one game) are encoded into one set")
     p.add_argument("--vae", type=Path, required=True, help="local diffusers VAE folder (AutoencoderKL/DC)")
     p.add_argument("--out", required=True, help="output directory, or an s3://bucket/prefix URL")
     p.add_argument("--format", default="webdataset,mds", help="webdataset, mds, or webdataset,mds")

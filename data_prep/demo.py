@@ -1,4 +1,5 @@
-"""The data stages of ``make demo``: synth -> train-vae -> encode -> verify, sized for 2 CPU cores.
+"""The data stages of ``make demo``: synth (or record a game) -> train-vae -> encode -> verify, sized
+for 2 CPU cores.
 
 Each stage reuses finished work when run again (videos, the VAE, shard jobs), so an interrupted
 demo continues where it stopped. ``scd_train.demo`` then trains from the shards and samples.
@@ -6,11 +7,14 @@ demo continues where it stopped. ``scd_train.demo`` then trains from the shards 
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.encode import EncodeOptions, encode
+from data_prep.record import RecordOptions, record
 from data_prep.synth import write_synthetic
 from data_prep.train_vae import VaeTrainOptions, train_vae
 from data_prep.verify import verify
@@ -72,3 +76,76 @@ def prepare_shards(out: Path, scale: DemoScale, timings: dict[str, float] | None
     _done("encode", timings)
     return [f"data.path={out / 'shards' / 'train'}", f"data.holdout_path={out / 'shards' / 'holdout'}",
             f"data.clip_frames={CLIP_FRAMES}"]
+
+
+WORLDS = {"breakout": "ALE/Breakout-v5", "crafter": "crafter"}
+WORLD_CLIP_FRAMES = 20  # configs/breakout.yaml and configs/crafter.yaml train on 20-frame clips
+
+
+@dataclass
+class WorldScale:
+    episodes: int = 24
+    holdout_episodes: int = 3
+    frames: int = 160
+    size: int = 64
+    vae_steps: int = 150
+    vae_batch: int = 8
+    # small moving objects (Breakout's paddle and ball) are erased by an unweighted VAE: see train_vae
+    foreground_weight: float = 20.0
+    # the VAE's geometry must give the latents the world config expects (scd_train.demo reads it there)
+    compression: int = 4
+    latent_channels: int = 4
+    stride: int = 4
+    workers: int | None = None
+    progress: bool = True
+
+
+class StageClock:
+    """Wall and CPU seconds (this process and its finished workers) of named stages, so a run on a busy
+    machine still tells how long each stage would take on an idle one."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    @staticmethod
+    def _cpu() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        print(f"== {name}", flush=True)
+        wall, cpu = time.perf_counter(), self._cpu()
+        try:
+            yield
+        finally:
+            self.seconds[name] = {"wall_s": time.perf_counter() - wall, "cpu_s": self._cpu() - cpu}
+
+
+def prepare_world_shards(world: str, out: Path, scale: WorldScale, clock: StageClock | None = None) -> list[str]:
+    """Record ``world`` (breakout or crafter), train the VAE, encode and verify shards under ``out``;
+    returns the overrides that point configs/<world>.yaml at them."""
+    clock = clock or StageClock()
+    with clock.stage("record"):
+        summary = record(RecordOptions(WORLDS[world], out / "recording", episodes=scale.episodes,
+                                       holdout_episodes=scale.holdout_episodes, frames=scale.frames, size=scale.size,
+                                       workers=scale.workers or 2, progress=scale.progress))
+        print(f"recorded {summary.frames} frames ({summary.recorded} new episodes, {summary.short} ended early)")
+    with clock.stage("train-vae"):
+        vae = out / "vae"
+        if not (vae / "config.json").is_file():
+            report = train_vae(VaeTrainOptions(out / "recording" / "train", vae, size=scale.size,
+                                               steps=scale.vae_steps, batch_size=scale.vae_batch,
+                                               compression=scale.compression, latent_channels=scale.latent_channels,
+                                               foreground_weight=scale.foreground_weight, progress=scale.progress))
+            print(f"VAE reconstruction PSNR {report['psnr_db']:.1f} dB")
+    with clock.stage("encode"):
+        for split, stride in (("train", scale.stride), ("holdout", WORLD_CLIP_FRAMES)):
+            summary = encode(EncodeOptions(out / "recording" / split, out / "shards" / split, vae, height=scale.size,
+                                           width=scale.size, clip_frames=WORLD_CLIP_FRAMES, stride=stride,
+                                           workers=scale.workers, progress=scale.progress))
+            print(f"{split}: {summary.clips} clips, {summary.frames_per_second:.0f} frames/s, {len(summary.bad)} bad")
+            report = verify(out / "shards" / split, progress=False)
+            if not report.ok:
+                raise RuntimeError(f"verify {split}: {report.problems[:3]}")
+    return [f"data.path={out / 'shards' / 'train'}", f"data.holdout_path={out / 'shards' / 'holdout'}"]

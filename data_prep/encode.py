@@ -9,6 +9,7 @@ and options, never on the number of workers. ``manifest.json`` is written at the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -29,6 +30,7 @@ from data_prep.frame_rate import check_uniform_rate, probe_fps, resample_indices
 from data_prep.inputs import BadInput, VideoInput, list_inputs, read_actions, read_frames, resize_crop
 from data_prep.latent_bounds import check_encoded_statistics, video_extremes
 from data_prep.publish import fetch, publish
+from data_prep.sources import SourceError, Sources, describe_sources
 from data_prep.writers import (
     as_float_array,
     atomic_write_json,
@@ -49,7 +51,7 @@ FORMATS = ("webdataset", "mds")
 
 @dataclass
 class EncodeOptions:
-    inputs: Path
+    inputs: Path | list[Path]  # one folder, or several encoded into one set
     out: Path | str  # a directory, or an s3://bucket/prefix URL
     vae: Path
     formats: list[str] = field(default_factory=lambda: ["webdataset", "mds"])
@@ -68,6 +70,8 @@ class EncodeOptions:
     strict: bool = False
     overwrite: bool = False
     progress: bool = True
+    # set by encode() for recordings: every frame must be this square size (record.json's --size)
+    expected_frame_size: int | None = None
     # Frame rates: inputs of several rates are refused unless resampled to one or explicitly kept.
     resample_fps: float | None = None
     allow_mixed_fps: bool = False
@@ -85,14 +89,21 @@ class EncodeOptions:
     def destination(self) -> Location:
         return open_location(self.out, RetryPolicy(self.retries, self.retry_delay_s))
 
-    def layout(self, inputs: list[VideoInput], vae_hash: str) -> dict:
+    @property
+    def input_folders(self) -> list[Path]:
+        return [Path(p) for p in self.inputs] if isinstance(self.inputs, (list, tuple)) else [Path(self.inputs)]
+
+    def layout(self, inputs: list[VideoInput], vae_hash: str, sources: Sources | None = None) -> dict:
         """Everything that decides the bytes of the shards; a rerun must match it exactly."""
-        return {"inputs": [i.name for i in inputs], "vae_config_sha256": vae_hash, "formats": sorted(self.formats),
-                "height": self.height, "width": self.width, "clip_frames": self.clip_frames, "stride": self.stride,
-                "videos_per_shard": self.videos_per_shard, "dtype": self.dtype, "num_actions": self.num_actions,
-                "default_fps": self.default_fps,
-                # only when set, so shards encoded before the option existed stay reusable
-                **({"resample_fps": self.resample_fps} if self.resample_fps is not None else {})}
+        layout = {"inputs": [i.name for i in inputs], "vae_config_sha256": vae_hash, "formats": sorted(self.formats),
+                  "height": self.height, "width": self.width, "clip_frames": self.clip_frames, "stride": self.stride,
+                  "videos_per_shard": self.videos_per_shard, "dtype": self.dtype, "num_actions": self.num_actions,
+                  "default_fps": self.default_fps}
+        if self.resample_fps is not None:  # only when set, so shards encoded before the option existed stay reusable
+            layout["resample_fps"] = self.resample_fps
+        if sources is not None and sources.layout_key() is not None:
+            layout["recordings"] = sources.layout_key()  # a re-recording must not reuse older shards
+        return layout
 
 
 @dataclass
@@ -189,6 +200,10 @@ def _encode_video(inp: VideoInput, job: Job, opts: EncodeOptions, vae, bad: list
         frames, fps = frames[keep], float(opts.resample_fps)
         actions = None if actions is None else actions[keep]
     count = len(frames)
+    size = opts.expected_frame_size
+    if size is not None and frames.shape[1:3] != (size, size):
+        raise BadInput(f"frames are {frames.shape[1]}x{frames.shape[2]} but its recording's record.json says "
+                       f"{size}x{size} (the video was replaced or damaged)")
     if count < opts.clip_frames:
         raise BadInput(f"too short: {count} frames < --clip-frames {opts.clip_frames}"
                        + (f" (after resampling {source_fps:g} -> {fps:g} fps)" if fps != source_fps else ""))
@@ -275,19 +290,24 @@ def encode(opts: EncodeOptions) -> EncodeSummary:
         if value % info.spatial_compression:
             raise EncodeError(f"--size: {side} {value} is not divisible by the VAE's spatial compression "
                               f"{info.spatial_compression}")
-    inputs = list_inputs(opts.inputs)
+    sources = describe_sources(opts.input_folders)
+    _check_against_sources(opts, sources)
+    opts = dataclasses.replace(opts, expected_frame_size=sources.frame_size)
+    inputs = list_inputs(opts.input_folders)
     if not inputs:
-        raise EncodeError(f"no videos (.mp4/.webm/.avi), image folders or .npy arrays under {opts.inputs}")
+        where = ", ".join(str(f) for f in opts.input_folders)
+        raise EncodeError(f"no videos (.mp4/.webm/.avi), image folders or .npy arrays under {where}")
     check_uniform_rate({i.name: probe_fps(i, opts.default_fps) for i in inputs}, opts.resample_fps,
                        opts.allow_mixed_fps)
     dest = opts.destination()
-    _check_layout(dest, opts.layout(inputs, info.config_sha256), opts.overwrite)
+    _check_layout(dest, opts.layout(inputs, info.config_sha256, sources), opts.overwrite)
     with tempfile.TemporaryDirectory(prefix="scd-encode-") as tmp:
         staging = (opts.staging or Path(tmp)) if dest.is_remote else None
-        return _encode_jobs(replace(opts, staging=staging), dest, info, inputs)
+        return _encode_jobs(replace(opts, staging=staging), dest, info, inputs, sources)
 
 
-def _encode_jobs(opts: EncodeOptions, dest: Location, info, inputs: list[VideoInput]) -> EncodeSummary:
+def _encode_jobs(opts: EncodeOptions, dest: Location, info, inputs: list[VideoInput],
+                 sources: Sources) -> EncodeSummary:
     work = opts.work_dir
     for sub in ("webdataset", "mds", "records"):
         (work / sub).mkdir(parents=True, exist_ok=True)
@@ -317,8 +337,19 @@ def _encode_jobs(opts: EncodeOptions, dest: Location, info, inputs: list[VideoIn
     if summary.clips == 0:
         raise EncodeError(f"no clip could be made from the {len(inputs)} inputs; first problem: "
                           f"{summary.bad[0]['input']}: {summary.bad[0]['reason']}" if summary.bad else "no clips")
-    summary.manifest = _write_manifest(opts, info, jobs, ordered, dest)
+    summary.manifest = _write_manifest(opts, info, jobs, ordered, dest, sources)
     return summary
+
+
+def _check_against_sources(opts: EncodeOptions, sources: Sources) -> None:
+    size, names = sources.frame_size, sources.action_names
+    if size is not None and (opts.height, opts.width) != (size, size):
+        raise SourceError(f"--size {opts.height}x{opts.width} but {sources.folders[0].folder} was recorded at "
+                          f"{size}x{size}; encode recordings at their recorded size (the emulator evaluation replays "
+                          "the game through the recording's resize rule), or record again at the size you want")
+    if names is not None and opts.num_actions is not None and opts.num_actions != len(names):
+        raise SourceError(f"--num-actions {opts.num_actions} but {sources.folders[0].info_path} records "
+                          f"{len(names)} actions ({', '.join(names)})")
 
 
 def _run_jobs(todo: list[Job], opts: EncodeOptions, records: dict[int, dict]) -> int:
@@ -354,7 +385,8 @@ def _run_jobs(todo: list[Job], opts: EncodeOptions, records: dict[int, dict]) ->
     return frames
 
 
-def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[dict], dest: Location) -> Location:
+def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[dict], dest: Location,
+                    sources: Sources) -> Location:
     out = opts.work_dir
     count = sum(r["stats"]["count"] for r in records)
     total = np.sum([r["stats"]["sum"] for r in records if r["stats"]["count"]], axis=0)
@@ -368,7 +400,13 @@ def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[di
                          "shift_factor": info.shift_factor}
     check_encoded_statistics(opts, normalization, mean, std, records)
     with_actions = jobs[0].with_actions
+    names = sources.action_names
     num_classes = opts.num_actions if opts.num_actions is not None else max(r["max_action"] for r in records) + 1
+    if names is not None:
+        num_classes = len(names)  # the world's vocabulary, not just the ids these clips happen to use
+    actions = {"present": with_actions, "num_classes": num_classes if with_actions else 0}
+    if names is not None and with_actions:
+        actions["names"] = names
     sample_shape = [opts.clip_frames, info.latent_channels, opts.height // info.spatial_compression,
                     opts.width // info.spatial_compression]
     formats = {}
@@ -392,12 +430,21 @@ def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[di
                   "fps": sorted({f for r in records for f in r["fps"]}),
                   "source_fps": sorted({f for r in records for f in r.get("source_fps", r["fps"])}),
                   "resample_fps": opts.resample_fps},
-        "actions": {"present": with_actions, "num_classes": num_classes if with_actions else 0},
+        "actions": actions,
+        "source": sources.manifest_block(),
         "formats": formats,
         "bad_inputs": sorted((b for r in records for b in r["bad"]), key=lambda b: b["input"]),
-        "encode_options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()
+        "encode_options": {k: _json_value(v) for k, v in asdict(opts).items()
                            if k not in ("progress", "overwrite", "workers", "staging", "retries", "retry_delay_s")},
     }
     atomic_write_json(out / MANIFEST, manifest)
     publish(dest, out, [MANIFEST])  # last: the set is complete
     return dest / MANIFEST
+
+
+def _json_value(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value

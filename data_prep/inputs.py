@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +40,21 @@ class VideoInput:
         return re.sub(r"[^A-Za-z0-9_-]", "_", self.name)
 
 
-def list_inputs(root: str | Path) -> list[VideoInput]:
-    """Every video file, image folder and .npy array under ``root``, sorted by name."""
-    root = Path(root)
-    if not root.is_dir():
-        raise MissingInput(f"input directory {root} does not exist")
+def list_inputs(roots: str | Path | list[Path]) -> list[VideoInput]:
+    """Every video file, image folder and .npy array under ``roots``, sorted by name.
+
+    Names are relative to the root, or with several roots to the folder that holds them all, so
+    inputs of different roots never share a name.
+    """
+    roots = [Path(r) for r in roots] if isinstance(roots, (list, tuple)) else [Path(roots)]
+    for root in roots:
+        if not root.is_dir():
+            raise MissingInput(f"input directory {root} does not exist")
+    base = roots[0] if len(roots) == 1 else Path(os.path.commonpath([r.resolve() for r in roots]))
+    paths = sorted({p for root in roots for p in (root.resolve() if len(roots) > 1 else root).rglob("*")})
     found = []
-    for path in sorted(root.rglob("*")):
-        name = path.relative_to(root).as_posix()
+    for path in paths:
+        name = path.relative_to(base).as_posix()
         if path.is_dir():
             if any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir() if p.is_file()):
                 found.append(VideoInput(name, path, "frames"))

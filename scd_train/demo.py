@@ -3,10 +3,16 @@
     python -m scd_train.demo                      # the full demo (a few minutes on 2 CPU cores)
     python -m scd_train.demo train.steps=50       # any dotted override of the config
     python -m scd_train.demo --source synthetic   # skip the data pipeline: frames rendered in memory
+    python -m scd_train.demo --world breakout     # a real game: record -> ... -> score against the emulator
 
 By default the data goes the way users' data goes: synthetic videos written as mp4, a small VAE
 trained on them, clips encoded to latent shards (``scd-data``), then training from the shards and
 sampling decoded through the same VAE. Data stages reuse their output in --data-dir when run again.
+
+``--world breakout`` (or ``crafter``) records the game instead (``scd-data record``), trains
+configs/<world>.yaml from its shards, and scores the model against the emulator itself
+(``scd-eval --emulator``: rollout PSNR/SSIM at horizons 1, 4, 16 and action accuracy, beside
+copy-last-frame).
 
 Writes into the run directory (runs/demo by default): checkpoints, metrics.jsonl, samples/
 (mp4 + gif, ground truth | generated), loss_curve.png and demo_summary.json.
@@ -33,6 +39,8 @@ from scd_train.weights import load_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIGS = {"shards": CONFIGS / "tiny_shards.yaml", "synthetic": CONFIGS / "tiny.yaml"}
+DEFAULT_DATA_DIR = Path("demo_out/data")
+WORLD_CONFIGS = {"breakout": CONFIGS / "breakout.yaml", "crafter": CONFIGS / "crafter.yaml"}
 
 
 def train(cfg: Config):
@@ -45,7 +53,7 @@ def train(cfg: Config):
         trainer.runtime.shutdown()
 
 
-def plot_loss_curve(metrics_path: Path, out: Path) -> Path:
+def plot_loss_curve(metrics_path: Path, out: Path, title: str = "tiny SCD on moving digits") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +66,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> Path:
     ax.set_ylabel("flow-matching loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.set_title("tiny SCD on moving digits")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -167,17 +175,84 @@ def run_demo(cfg: Config, eval_clips: int, context: int, pinned: dict[str, str] 
     return summary
 
 
+def run_world_demo(cfg: Config, world: str, eval_starts: int, context: int, clock) -> dict:
+    """Train on the recorded game, sample held-out clips, then score the model against the emulator."""
+    from scd_train.eval.emulator import EmulatorProtocol
+    from scd_train.eval.emulator_run import run_emulator_eval
+    from scd_train.eval.evaluate import Candidate
+
+    run_dir = Path(cfg.train.run_dir)
+    if (run_dir / "config.yaml").exists():
+        shutil.rmtree(run_dir)
+    torch.manual_seed(cfg.train.seed)
+    with clock.stage("train"):
+        result = train(cfg)
+    with clock.stage("sample"):
+        model, model_cfg = load_model(run_dir)
+        request = SampleRequest(clips=4, context=context, unroll=holdout_frames(cfg) - context)
+        batch, rollout, codec = rollout_clips(model, model_cfg, request)
+        samples = write_samples(batch.latents, rollout, codec, context, run_dir / "samples", batch.keys)
+        curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", f"SCD world model of {world}")
+    with clock.stage("score"):
+        protocol = EmulatorProtocol(starts=eval_starts, context=context, videos=2)
+        scores = run_emulator_eval([Candidate("scd", model, model_cfg, str(run_dir))], protocol, run_dir / "eval",
+                                   log=lambda message: None)
+    summary = {
+        "world": world,
+        "steps": result.step,
+        "loss_initial": result.losses[0][1],
+        "loss_final": result.losses[-1][1],
+        "emulator": {name: {"horizons": m["horizons"], "action_accuracy": m["action_accuracy"],
+                            "action_pairs": m["action_pairs"]} for name, m in scores["models"].items()},
+        "emulator_states": len(scores["states"]),
+        "stage_seconds": clock.seconds,
+        "samples": [str(p) for p in samples] + scores["videos"],
+        "loss_curve": str(curve),
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def print_world_table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"scd-train demo: SCD world model of {summary['world']}, scored against the emulator")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("training steps", str(summary["steps"]))
+    table.add_row("loss: first logged -> final", f"{summary['loss_initial']:.4f} -> {summary['loss_final']:.4f}")
+    scd, copy = summary["emulator"]["scd"], summary["emulator"]["copy_last"]
+    for k in scd["horizons"]:
+        table.add_row(f"PSNR @ frame {k}: SCD vs copy last frame ({summary['emulator_states']} states)",
+                      f"{scd['horizons'][k]['psnr']:.2f} vs {copy['horizons'][k]['psnr']:.2f} dB")
+    accuracy = scd["action_accuracy"]
+    table.add_row(f"action accuracy ({scd['action_pairs']} branch pairs; 50% = ignores actions)",
+                  "-" if accuracy is None else f"{100 * accuracy:.1f}%")
+    stages = ", ".join(f"{k} {v['wall_s']:.0f}s ({v['cpu_s']:.0f}s CPU)" for k, v in summary["stage_seconds"].items())
+    table.add_row("stage times (wall, CPU)", stages)
+    table.add_row("run directory", summary["run_dir"])
+    Console().print(table)
+
+
 @command("scd-demo")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scd-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", choices=sorted(DEFAULT_CONFIGS), default="shards",
                         help="shards: through scd-data and latent shards; synthetic: frames rendered in memory")
+    parser.add_argument("--world", choices=sorted(WORLD_CONFIGS),
+                        help="record this game instead of the digits and score the model against its emulator")
+    parser.add_argument("--eval-starts", type=int, default=8, help="--world: held-out game states scored")
     parser.add_argument("--config", type=Path, help="default: configs/tiny_shards.yaml or configs/tiny.yaml")
-    parser.add_argument("--data-dir", type=Path, default=Path("demo_out/data"), help="videos, VAE and shards")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                        help="videos, VAE and shards (--world: demo_out/<world> by default)")
     parser.add_argument("--eval-clips", type=int, default=32)
     parser.add_argument("--context", type=int, default=4)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
+    if args.world is not None:
+        return world_main(args)
     pinned = pin_cpu_numerics()
     data_overrides = prepare_shard_data(args.data_dir) if args.source == "shards" else []
     cfg = load_config(args.config or DEFAULT_CONFIGS[args.source],
@@ -185,6 +260,23 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_demo(cfg, args.eval_clips, args.context, pinned)
     print_table(summary)
     print(f"samples: {Path(cfg.train.run_dir) / 'samples'}   loss curve: {summary['loss_curve']}")
+    return 0
+
+
+def world_main(args: argparse.Namespace) -> int:
+    from data_prep.demo import StageClock, WorldScale, prepare_world_shards
+
+    clock = StageClock()
+    data_dir = args.data_dir if args.data_dir != DEFAULT_DATA_DIR else Path("demo_out") / args.world
+    config = args.config or WORLD_CONFIGS[args.world]
+    model = load_config(config, args.overrides).model
+    scale = WorldScale()
+    scale.compression, scale.latent_channels = scale.size // model.latent_height, model.latent_channels
+    overrides = prepare_world_shards(args.world, data_dir, scale, clock)
+    cfg = load_config(config, [*overrides, "train.run_dir=runs/demo", "train.resume=false", *args.overrides])
+    summary = run_world_demo(cfg, args.world, args.eval_starts, args.context, clock)
+    print_world_table(summary)
+    print(f"samples: {Path(cfg.train.run_dir) / 'samples'}   branch videos: {Path(cfg.train.run_dir) / 'eval'}")
     return 0
 
 

@@ -41,21 +41,27 @@ def mark_generated(frames: np.ndarray, first_generated: int, colour=(255, 64, 64
     return out
 
 
-def write_mp4(frames: np.ndarray, path: Path | str, fps: int = 8, crf: int = 18, preset: str = "veryfast") -> Path:
-    """H.264 (yuv420p) mp4 of (T, H, W, 3) uint8 frames; odd sides are padded by one pixel."""
+def write_mp4(frames: np.ndarray, path: Path | str, fps: int = 8, crf: int = 18, preset: str = "veryfast",
+              lossless: bool = False) -> Path:
+    """H.264 (yuv420p) mp4 of (T, H, W, 3) uint8 frames; odd sides are padded by one pixel.
+
+    ``lossless`` stores the RGB values exactly (libx264rgb, crf 0): decoding gives back the very
+    frames written, at the price of larger files that browsers may not play. Game recordings use it,
+    because chroma subsampling blurs the one-pixel detail of pixel-art games.
+    """
     import av
 
     path = Path(path)
     t, h, w = frames.shape[:3]
-    pad_h, pad_w = h % 2, w % 2  # yuv420p needs even sides
+    pad_h, pad_w = (0, 0) if lossless else (h % 2, w % 2)  # yuv420p needs even sides
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     with av.open(str(tmp), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream("libx264rgb" if lossless else "libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": preset}
+        stream.pix_fmt = "rgb24" if lossless else "yuv420p"
+        stream.options = {"crf": "0" if lossless else str(crf), "preset": preset}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

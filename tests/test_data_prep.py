@@ -225,3 +225,18 @@ def test_train_vae_saves_a_diffusers_folder_that_encodes(workdir, tmp_path, caps
     assert latents.shape == (2, 4, 2, 2)
     assert cli_main(["train-vae", str(workdir / "videos"), "--out", str(out), "--steps", "1", "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", [1, 10, 11, 25])
+def test_vae_learning_rate_schedule_works_for_any_run_length(steps):
+    from data_prep.train_vae import lr_schedule
+
+    optim = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = lr_schedule(optim, 1e-3, steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(optim.param_groups[0]["lr"])
+        optim.step()
+        sched.step()
+    assert len(rates) == steps and all(0 <= r <= 1e-3 + 1e-12 for r in rates)
+    assert max(rates) > 0 and rates[-1] < max(rates) or steps == 1

@@ -89,6 +89,10 @@ class Manifest:
     has_actions: bool
     num_action_classes: int
     shards: dict[str, list[ShardEntry]]
+    # the action vocabulary when the clips came from a known world (scd-data record / synth), else None
+    action_names: tuple[str, ...] | None = None
+    # where the clips came from (kind "record": the game world and how it was recorded), else None
+    source: dict | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -148,6 +152,10 @@ def load_manifest(root: str | Path | Location, source: str = "data.path", retry:
     _get(raw, "vae", dict, where)
     norm = Normalization.from_dict(_get(raw, "normalization", dict, where), shape[1], where)
     actions = _get(raw, "actions", dict, where)
+    names = _action_names(actions, where)
+    source = raw.get("source")
+    if source is not None and not (isinstance(source, dict) and isinstance(source.get("kind"), str)):
+        raise ManifestError(f"{where}: 'source' must be a mapping with a 'kind', got {source!r}")
     shards: dict[str, list[ShardEntry]] = {}
     for fmt, block in _get(raw, "formats", dict, where).items():
         if fmt not in FORMATS:
@@ -159,7 +167,19 @@ def load_manifest(root: str | Path | Location, source: str = "data.path", retry:
         shards[fmt] = entries
     return Manifest(root=root, raw=raw, frames=shape[0], channels=shape[1], height=shape[2], width=shape[3],
                     dtype=dtype, normalization=norm, has_actions=bool(actions.get("present")),
-                    num_action_classes=int(actions.get("num_classes", 0)), shards=shards)
+                    num_action_classes=int(actions.get("num_classes", 0)), shards=shards, action_names=names,
+                    source=source)
+
+
+def _action_names(actions: dict, where: str) -> tuple[str, ...] | None:
+    names = actions.get("names")
+    if names is None:
+        return None
+    count = actions.get("num_classes")
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or len(names) != count:
+        raise ManifestError(f"{where}: actions.names={names!r} must be a list of {count} strings "
+                            "(actions.num_classes)")
+    return tuple(names)
 
 
 def _no_manifest(root: Location, path: Location, source: str) -> str:

@@ -42,6 +42,12 @@ def check_manifest(manifest: Manifest, cfg: Config, frames_needed: int, role: st
         if not manifest.has_actions:
             raise ManifestError(f"model.num_actions={m.num_actions} but {where} records no actions; "
                                 "set model.num_actions=0 or encode videos with action files")
+        if manifest.action_names is not None and manifest.num_action_classes != m.num_actions:
+            # a known vocabulary: a larger table would train rows no clip ever uses
+            names = ", ".join(manifest.action_names)
+            raise ManifestError(f"model.num_actions={m.num_actions} but {where} records "
+                                f"{manifest.num_action_classes} action classes ({names}); set "
+                                f"model.num_actions={manifest.num_action_classes}")
         if manifest.num_action_classes > m.num_actions:
             raise ManifestError(f"model.num_actions={m.num_actions} but {where} records "
                                 f"{manifest.num_action_classes} action classes")

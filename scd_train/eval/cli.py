@@ -3,6 +3,7 @@
     scd-eval --scd runs/scd --baseline runs/dense --preset tiny
     scd-eval --scd runs/scd_m --baseline runs/dit_m --preset minecraft-official \\
         --lpips-backbone weights/alexnet-owt-7be5be79.pth --fvd-i3d weights/i3d_torchscript.pt
+    scd-eval --scd runs/breakout_scd --baseline runs/breakout_dense --emulator   # against the real game
 
 Writes ``eval.json``, ``samples/grid.{mp4,gif}`` and ``samples/contact_sheet.png`` under --out
 (default: <first model's run directory>/eval), prints a table and logs to wandb (offline unless
@@ -46,8 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="tiny; minecraft (the paper's settings); minecraft-official (plus the reference quirks)")
     defaults = EvalProtocol()
-    p.add_argument("--horizons", type=_int_list, default=None,
-                   help="generated-frame indices, e.g. 1,4,8,16: PSNR and SSIM at each (eval.json by_horizon)")
+    # parsed in run() (not by argparse), so a bad list is one line like every other bad input
+    p.add_argument("--horizons", default=None,
+                   help="generated-frame indices, e.g. 1,4,8,16: PSNR and SSIM at each (eval.json by_horizon; "
+                        "with --emulator the rollout horizons scored, default 1,4,16)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default=None,
                    help="the decoder loop (default: each model's diffusion.sample_compile; auto = on CUDA only)")
     for name in PROTOCOL_FLAGS:
@@ -66,6 +69,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     p.add_argument("--wandb-project", default="scd-train")
+    world = p.add_argument_group("against the emulator (models trained on `scd-data record` data)")
+    world.add_argument("--emulator", action="store_true",
+                       help="replay the real game from held-out states: rollout PSNR/SSIM per horizon and action "
+                            "accuracy, beside copy-last-frame and the VAE ceiling (--context and --steps apply)")
+    world.add_argument("--starts", type=int, default=16, help="held-out game states")
+    world.add_argument("--branches", type=int, default=2, help="action sequences replayed from each state")
+    world.add_argument("--branch-frames", type=int, default=8, help="frames per branch")
+    world.add_argument("--warmup", type=int, default=48, help="policy steps before a state, drawn from 0..N")
+    world.add_argument("--videos", type=int, default=3, help="states written as side-by-side branch videos")
     return p.parse_args(argv)
 
 
@@ -73,7 +85,7 @@ def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,4,8") from None
+        raise EvalInputError(f"--horizons {text!r}: expected comma-separated integers, e.g. 1,4,8") from None
 
 
 def load_feature_networks(args: argparse.Namespace, protocol: EvalProtocol):
@@ -141,6 +153,12 @@ def run(args: argparse.Namespace) -> int:
     from scd_train.eval.sheets import write_contact_sheet, write_grid_videos
     from scd_train.parallel.runtime import check_device_option
 
+    if args.horizons is not None:
+        args.horizons = _int_list(args.horizons)
+    if args.emulator:
+        from scd_train.eval.emulator_run import run_from_args
+
+        return run_from_args(args, default_out(args.scd or args.baseline) if (args.scd or args.baseline) else None)
     if args.scd is None and args.baseline is None:
         raise EvalInputError("give --scd and/or --baseline (a run directory or an exported .safetensors)")
     if args.sheet_clips < 0:

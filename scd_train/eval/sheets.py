@@ -27,7 +27,8 @@ def context_column(truth: np.ndarray, context: int) -> np.ndarray:
     return np.concatenate([truth[:context], held], axis=0)
 
 
-def grid_video(truth: list[Tensor], samples: dict[str, list[Tensor]], context: int, scale: int = 1) -> np.ndarray:
+def grid_video(truth: list[Tensor], samples: dict[str, list[Tensor]], context: int, scale: int = 1,
+               truth_label: str = "ground truth") -> np.ndarray:
     """(T, H', W', 3) uint8: one row per clip, columns context | ground truth | each model; generated
     frames carry a red border."""
     rows = []
@@ -38,7 +39,7 @@ def grid_video(truth: list[Tensor], samples: dict[str, list[Tensor]], context: i
         rows.append(side_by_side(cells))
     frames, cell_w = rows[0].shape[0], upscale(to_hwc_uint8(truth[0][:1]), scale).shape[2]
     header = side_by_side([np.broadcast_to(_label_strip(label, cell_w), (frames, HEADER_PX, cell_w, 3))
-                           for label in ["context", "ground truth", *samples]])
+                           for label in ["context", truth_label, *samples]])
     spacer = np.full((rows[0].shape[0], 2, rows[0].shape[2], 3), 255, np.uint8)
     parts = [header]
     for row in rows:
