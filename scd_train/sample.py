@@ -17,7 +17,7 @@ import torch
 
 from scd_train.config import ConfigError
 from scd_train.data.holdout import holdout_clips
-from scd_train.diffusion.sampling import Rollout, SamplerSettings, generate
+from scd_train.diffusion.sampling import Rollout, generate, settings_from_config
 from scd_train.video import mark_generated, side_by_side, to_hwc_uint8, upscale, write_gif, write_mp4
 
 
@@ -40,11 +40,7 @@ def rollout_clips(model, cfg, request: SampleRequest, device: torch.device | str
     clips, codec = holdout_clips(cfg, request.context + request.unroll)
     count = min(request.clips, len(clips))
     batch = clips.collate(list(range(count)))
-    settings = SamplerSettings(
-        steps=request.steps or cfg.diffusion.sample_steps,
-        cfg_scale=cfg.diffusion.cfg_scale if request.cfg_scale is None else request.cfg_scale,
-        cfg_mode=request.cfg_mode or cfg.diffusion.cfg_mode,
-        num_train_timesteps=cfg.diffusion.num_train_timesteps)
+    settings = settings_from_config(cfg.diffusion, request.steps, request.cfg_scale, request.cfg_mode)
     generator = torch.Generator(device=device).manual_seed(request.seed)
     actions = None if batch.actions is None else batch.actions.to(device)
     rollout = generate(model, batch.latents[:, : request.context].to(device), actions, request.unroll, settings,

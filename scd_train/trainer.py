@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from scd_train.checkpoint import CheckpointManager, capture_rng, rank_file, restore_rng
-from scd_train.config import Config, dump_yaml, to_dict
+from scd_train.config import Config, ConfigError, dump_yaml, to_dict
 from scd_train.data import Batch, build_train_loader
 from scd_train.diffusion.objective import build_objective
 from scd_train.ema import EMA
 from scd_train.env import environment_report
-from scd_train.metrics.flops import detect_peak_tflops, tokens_per_frame, train_step_flops
+from scd_train.metrics.flops import StepFlops, detect_peak_tflops, tokens_per_frame, train_step_flops
 from scd_train.metrics.loggers import JsonlWriter, Progress, WandbRun
 from scd_train.metrics.throughput import ThroughputMeter
 from scd_train.models import build_model
@@ -73,21 +73,41 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + 1000003 * rank)
 
 
+class TrainingStage:
+    """What a run trains: the model the loop builds, the objective it minimises and that
+    objective's cost. This default is plain training; another stage (distillation) passes its own
+    to ``Trainer(cfg, stage=...)`` and gets the same backends, checkpoints, logging and resume."""
+
+    def build_model(self, cfg: Config) -> torch.nn.Module:
+        if cfg.distill.teacher is not None:
+            raise ConfigError(f"distill.teacher={cfg.distill.teacher!r} is set: this is a distillation run, "
+                              "which scd-distill trains")
+        model = build_model(cfg.model)
+        if cfg.train.init_from:
+            load_initial_weights(model, cfg.train.init_from)  # plain weights, before any FP8 module swap
+        return model
+
+    def build_objective(self, cfg: Config):
+        return build_objective(cfg.model, cfg.diffusion)
+
+    def step_flops(self, cfg: Config, clip_frames: int) -> StepFlops:
+        return train_step_flops(cfg, clip_frames)
+
+
 class Trainer:
-    def __init__(self, cfg: Config, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, runtime: Runtime | None = None, stage: TrainingStage | None = None) -> None:
         self.cfg = cfg
+        self.stage = stage or TrainingStage()
         self.runtime = runtime or init_runtime(cfg.train.device)
         self.run_dir = Path(cfg.train.run_dir)
         self._prepare_run_dir()
         seed_everything(cfg.train.seed, 0)  # the same initial weights on every rank and world size
-        model = build_model(cfg.model)
-        if cfg.train.init_from:
-            load_initial_weights(model, cfg.train.init_from)  # plain weights, before any FP8 module swap
+        model = self.stage.build_model(cfg)
         self.fp8 = prepare_fp8(model, cfg, self.runtime)  # before the backend wraps or shards it
         self.backend = build_backend(model, build_param_groups(model, cfg.optim), cfg, self.runtime)
         seed_everything(cfg.train.seed, self.runtime.rank)
         self.ema = EMA(self.backend.ema_parameters(), cfg.optim.ema_decay)
-        self.objective = build_objective(cfg.model, cfg.diffusion)
+        self.objective = self.stage.build_objective(cfg)
         self.loader = build_train_loader(cfg, self.runtime.rank, self.runtime.world_size)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, self.runtime)
         self.state = TrainState()
@@ -188,7 +208,7 @@ class Trainer:
         grad_norm = self.backend.clip_grad_norm(cfg.optim.grad_clip)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         self._handle_nonfinite(finite, loss, grad_norm, keys)
-        meter.add_step(clips, frames, train_step_flops(cfg, frames), wait)
+        meter.add_step(clips, frames, self.stage.step_flops(cfg, frames), wait)
         self.state.step += 1
         self.state.samples_seen += clips * self.runtime.world_size
         window.append(loss)

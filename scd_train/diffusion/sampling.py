@@ -25,6 +25,16 @@ def euler_sigmas(steps: int, num_train_timesteps: int = 1000, device=None) -> Te
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+def sample_sigmas(steps: int, schedule: str = "release", num_train_timesteps: int = 1000, device=None) -> Tensor:
+    """steps+1 noise levels of an Euler schedule (``diffusion.sample_schedule``): "release" as
+    ``euler_sigmas``, "uniform" ``steps`` equal intervals from 1 to 0."""
+    if schedule == "uniform":
+        return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float32)
+    if schedule == "release":
+        return euler_sigmas(steps, num_train_timesteps, device)
+    raise ValueError(f"sample schedule {schedule!r} is not one of 'release', 'uniform'")
+
+
 def guided_velocity(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
     return v_uncond + scale * (v_cond - v_uncond)
 
@@ -40,10 +50,25 @@ class SamplerSettings:
     cfg_scale: float = 1.0
     cfg_mode: str = "decoder"
     num_train_timesteps: int = 1000
+    schedule: str = "release"  # diffusion.sample_schedule
 
     @property
     def guided(self) -> bool:
         return self.cfg_scale != 1.0
+
+    def sigmas(self, device=None) -> Tensor:
+        return sample_sigmas(self.steps, self.schedule, self.num_train_timesteps, device)
+
+
+def settings_from_config(diffusion, steps: int | None = None, cfg_scale: float | None = None,
+                         cfg_mode: str | None = None) -> SamplerSettings:
+    """A run's sampling defaults (``DiffusionConfig``), each overridable; every consumer builds its
+    settings here, so a distilled student's step count and schedule reach all of them."""
+    return SamplerSettings(steps=steps or diffusion.sample_steps,
+                           cfg_scale=diffusion.cfg_scale if cfg_scale is None else cfg_scale,
+                           cfg_mode=cfg_mode or diffusion.cfg_mode,
+                           num_train_timesteps=diffusion.num_train_timesteps,
+                           schedule=diffusion.sample_schedule)
 
 
 @dataclass
@@ -132,7 +157,7 @@ class SCDStream:
         if action is None and cfg.num_actions > 0:
             action = torch.full((self.batch,), self.model.decoder.action_embed.null_id, device=self.device,
                                 dtype=torch.long)
-        sigmas = euler_sigmas(self.settings.steps, self.settings.num_train_timesteps, self.device)
+        sigmas = self.settings.sigmas(self.device)
         for i in range(self.settings.steps):
             t = sigmas[i].expand(self.batch) * self.settings.num_train_timesteps
             v = self._velocity(x, t, context, context_uncond, action)
@@ -186,7 +211,7 @@ class CausalDiTStream:
         x = torch.randn((self.batch, cfg.latent_channels, cfg.latent_height, cfg.latent_width),
                         device=self.device, generator=self.generator)
         actions = None if action is None else action[:, None]
-        sigmas = euler_sigmas(self.settings.steps, self.settings.num_train_timesteps, self.device)
+        sigmas = self.settings.sigmas(self.device)
         for i in range(self.settings.steps):
             t = sigmas[i].expand(self.batch, 1) * self.settings.num_train_timesteps
             v = self._velocity(x[:, None], t, actions)[:, 0]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from scd_train.config import Config
-from scd_train.diffusion.sampling import Rollout, SamplerSettings, generate
+from scd_train.diffusion.sampling import Rollout, SamplerSettings, generate, settings_from_config
 from scd_train.eval.clips import Decode, EvalClip, batched, stack_clips
 from scd_train.eval.feature_metrics import LPIPS, VideoFeatures, frechet_distance
 from scd_train.eval.metrics import PSNR_CAP_DB, best_of_k, selection_rule, video_scores
@@ -46,12 +46,8 @@ class FeatureNetworks:
 def sampler_settings(cfg: Config, protocol: EvalProtocol) -> SamplerSettings:
     """The model's own sampling defaults with the protocol's overrides. The dense baseline has no
     encoder context to perturb, so its guidance is always the null-action kind."""
-    d = cfg.diffusion
-    return SamplerSettings(
-        steps=protocol.steps or d.sample_steps,
-        cfg_scale=d.cfg_scale if protocol.cfg_scale is None else protocol.cfg_scale,
-        cfg_mode=d.cfg_mode if cfg.model.arch == "scd" else "action",
-        num_train_timesteps=d.num_train_timesteps)
+    return settings_from_config(cfg.diffusion, protocol.steps, protocol.cfg_scale,
+                                cfg.diffusion.cfg_mode if cfg.model.arch == "scd" else "action")
 
 
 def official_round_trip(truth: Tensor, sample: Tensor, crf: int) -> tuple[Tensor, Tensor]:
