@@ -1,7 +1,7 @@
 """Few-step students against their teachers: quality on held-out clips and per-frame time.
 
     python bench/distill.py --run runs/scd --baseline-run runs/dense           # the digits (README)
-    python bench/distill.py --run runs/breakout --baseline-run runs/breakout-dense --out bench/results/distill-breakout-cpu.json
+    python bench/distill.py --run runs/breakout --baseline-run runs/breakout-dense   # game data, the same way
 
 For each teacher run (SCD, and the dense baseline when given) and each student step count K
 (--student-steps, default 1 2 4) the student run <run>-distill-k<K> is distilled with scd-distill

@@ -201,8 +201,6 @@ def build_student_config(teacher: Teacher, steps: int, out: Path, recipe: Path |
 
 def check_run_dir(out: Path, cfg: Config, teacher: Teacher) -> None:
     """``out`` is new, or holds this same distillation (which then resumes)."""
-    if out.resolve() == teacher.source:
-        raise DistillInputError(f"--out {out} is the teacher itself; choose another directory")
     prior = read_prior(out)
     if prior is None:
         if out.is_dir() and any(out.iterdir()):
@@ -323,6 +321,8 @@ def plan(args: argparse.Namespace) -> tuple[Config, Teacher]:
         raise DistillInputError(f"--baseline: teacher {args.teacher} is an SCD run (model.arch='scd'), not the "
                                 "dense baseline")
     out = args.out or default_out(args.teacher, args.steps)
+    if out.resolve() == teacher.source:
+        raise DistillInputError(f"--out {out} is the teacher itself; choose another directory")
     prior = read_prior(out)
     cfg = build_student_config(teacher, args.steps, out, args.config, args.overrides,
                                args.teacher_checkpoint is not None, args.teacher_steps, prior)

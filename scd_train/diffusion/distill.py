@@ -335,6 +335,6 @@ def distill_step_flops(cfg: Config, clip_frames: int | None = None) -> StepFlops
         enc = clips * (encoder * encoder_forward(m, frames) + generated * encoder_forward(m, 1, frames))
         dec = clips * (decoder_forward(m, samples) * (calls + 3 + own_states) + generated * k * decoder_forward(m, 1))
         return StepFlops(enc, dec)
-    samples = d.decoder_multi_batch
-    passes = samples * (calls + 3 + own_states) + generated * (k + 1)
-    return StepFlops(clips * passes * causal_dit_forward(m, frames), 0.0)
+    whole_clip = d.decoder_multi_batch * (calls + 3 + own_states) * causal_dit_forward(m, frames)
+    rollout = generated * (k + 1) * causal_dit_forward(m, 1, frames)  # one frame over the cache per pass
+    return StepFlops(clips * (whole_clip + rollout), 0.0)

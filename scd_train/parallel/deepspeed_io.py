@@ -46,10 +46,13 @@ def ema_names(checkpoint: Path) -> set[str]:
 
 
 def read_weights(checkpoint: Path, model: nn.Module, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of ``checkpoint`` named like ``model.state_dict()`` (EMA or raw). With
-    the EMA, parameters the run kept frozen (no shadow) come from the weights themselves."""
+    """Full fp32 weights of ``checkpoint`` named like ``model.state_dict()`` (EMA or raw), as the
+    DCP reader: only ``model``'s names (a checkpoint may also hold a frozen distillation teacher).
+    With the EMA, parameters the run kept frozen (no shadow) come from the weights themselves."""
     directory = Path(checkpoint) / "state" / CHECKPOINT_SUBDIR
     weights = read_ema(directory) if use_ema else read_raw(directory)
+    wanted = model.state_dict()
+    weights = {n: w for n, w in weights.items() if n in wanted}
     frozen = [n for n, _ in model.named_parameters() if n not in weights]
     if use_ema and frozen:
         raw = read_raw(directory)
