@@ -38,8 +38,9 @@ TARGET_PSNR_GAP_DB = 0.5  # the 4-step student within this of its teacher, next 
 TARGET_SPEEDUP = 5.0  # the 4-step student at least this much faster per frame than its teacher
 
 
-def student_dir(run: Path, steps: int) -> Path:
-    return distill.default_out(run, steps)
+def student_dir(run: Path, steps: int, self_rollout: bool = False) -> Path:
+    out = distill.default_out(run, steps)
+    return out.with_name(out.name + "-rollout") if self_rollout else out
 
 
 def distilled_steps(run: Path) -> int:
@@ -47,13 +48,19 @@ def distilled_steps(run: Path) -> int:
     return step_of(found[-1]) if found else 0
 
 
-def ensure_student(teacher: Path, steps: int, args: argparse.Namespace) -> Path:
-    out = student_dir(teacher, steps)
+def ensure_student(teacher: Path, steps: int, args: argparse.Namespace, self_rollout: bool = False) -> Path:
+    out = student_dir(teacher, steps, self_rollout)
     if (out / "config.yaml").is_file() and distilled_steps(out) >= args.distill_steps:
         print(f"reusing {out} ({distilled_steps(out)} steps)", flush=True)
         return out
     argv = [str(teacher), "--steps", str(steps), "--out", str(out), f"train.steps={args.distill_steps}",
             f"train.checkpoint_every={args.distill_steps}", "log.progress_bar=false", *args.override]
+    if self_rollout:
+        argv.append("distill.self_rollout=true")
+    if args.config:
+        argv += ["--config", str(args.config)]
+    if args.teacher_steps:
+        argv += ["--teacher-steps", str(args.teacher_steps)]
     if load_model_cfg(teacher).model.arch == "causal_dit":
         argv.append("--baseline")
     print(f"distilling {out}", flush=True)
@@ -75,16 +82,31 @@ def with_steps(cfg: Config, steps: int, schedule: str) -> Config:
 
 
 def candidates_for(teacher: Path, steps: list[int], args: argparse.Namespace, prefix: str) -> list[Candidate]:
-    """The teacher at its own steps, the teacher at each K undistilled (uniform grid), each student."""
+    """The teacher at the steps it is distilled from (first), at --extra-teacher-steps, at each K
+    undistilled (uniform grid); each student; the self-rollout student when asked."""
     model, cfg = load_model(teacher, device=args.device)
     n = args.teacher_steps or cfg.diffusion.sample_steps
-    out = [Candidate(f"{prefix}teacher@{n}", model, with_steps(cfg, n, cfg.diffusion.sample_schedule), str(teacher))]
+    schedule = cfg.diffusion.sample_schedule
+    full = dict.fromkeys([n, *(m for m in args.extra_teacher_steps if m not in steps)])
+    out = [Candidate(f"{prefix}teacher@{m}", model, with_steps(cfg, m, schedule), str(teacher)) for m in full]
     for k in steps:
         out.append(Candidate(f"{prefix}teacher@{k}", model, with_steps(cfg, k, "uniform"), str(teacher)))
         student = ensure_student(teacher, k, args)
         s_model, s_cfg = load_model(student, device=args.device)
         out.append(Candidate(f"{prefix}student@{k}", s_model, s_cfg, str(student)))
+    if args.self_rollout and not prefix:
+        k = max(steps)
+        student = ensure_student(teacher, k, args, self_rollout=True)
+        s_model, s_cfg = load_model(student, device=args.device)
+        out.append(Candidate(f"{prefix}student@{k}+rollout", s_model, s_cfg, str(student)))
     return out
+
+
+def step_seconds(run: Path) -> float:
+    """Median wall seconds per distillation step over the run's logged windows."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    values = sorted(r["perf/step_seconds"] for r in records if "perf/step_seconds" in r)
+    return values[len(values) // 2]
 
 
 def quality(cands: list[Candidate], args: argparse.Namespace) -> dict[str, dict]:
@@ -121,13 +143,14 @@ def frame_timing(cands: list[Candidate], args: argparse.Namespace) -> dict[str, 
             for (name, s), c in zip(stats.items(), cands)}
 
 
-def ratios(timing: dict[str, dict], teacher: str, prefix: str, steps: list[int]) -> dict:
-    base = timing[teacher]
+def ratios(timing: dict[str, dict], teachers: list[str], prefix: str, steps: list[int]) -> dict:
+    """Per-frame speed-up of each student over each timed teacher, wall and process CPU time."""
     out = {}
     for k in steps:
         s = timing[f"{prefix}student@{k}"]
-        out[f"{prefix}student@{k}"] = {"wall_speedup": base["wall_s_median"] / s["wall_s_median"],
-                                       "cpu_speedup": base["cpu_s_median"] / s["cpu_s_median"]}
+        out[f"{prefix}student@{k}"] = {
+            t: {"wall_speedup": timing[t]["wall_s_median"] / s["wall_s_median"],
+                "cpu_speedup": timing[t]["cpu_s_median"] / s["cpu_s_median"]} for t in teachers}
     return out
 
 
@@ -139,8 +162,11 @@ def run(args: argparse.Namespace) -> dict:
     everything = scd + dense
     load_before = MachineLoad.now()
     scores = {**quality(scd, args), **(quality(dense, args) if dense else {})}
-    timed = [c for c in everything if "teacher@" not in c.name or c is scd[0] or (dense and c is dense[0])]
+    undistilled = {f"{p}teacher@{k}" for p in ("", "dense/") for k in steps}
+    timed = [c for c in everything if c.name not in undistilled]  # the same cost as the students
     timing = frame_timing(timed, args)
+    scd_teachers = [c.name for c in timed if c.name.startswith("teacher@")]
+    dense_teachers = [c.name for c in timed if c.name.startswith("dense/teacher@")]
     report = {
         "benchmark": "distill", "date": datetime.date.today().isoformat(),
         "device": args.device if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
@@ -148,11 +174,17 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "runs": {c.name: c.source for c in everything},
         "quality": scores, "frame_timing": timing,
-        "speedup_over_teacher": ratios(timing, scd[0].name, "", steps),
+        "speedup_over_teacher": ratios(timing, scd_teachers, "", steps),
         "versions": library_versions(),
     }
+    if args.self_rollout:
+        k = max(steps)
+        forced, rollout = student_dir(args.run, k), student_dir(args.run, k, self_rollout=True)
+        report["self_rollout"] = {"student": f"student@{k}+rollout", "step_seconds": step_seconds(rollout),
+                                  "teacher_forced_step_seconds": step_seconds(forced),
+                                  "step_cost_ratio": step_seconds(rollout) / step_seconds(forced)}
     if dense:
-        report["speedup_over_teacher"].update(ratios(timing, dense[0].name, "dense/", steps))
+        report["speedup_over_teacher"].update(ratios(timing, dense_teachers, "dense/", steps))
         report["scd_vs_dense"] = {
             f"student@{k}": {"vs_dense_teacher": timing[dense[0].name]["wall_s_median"]
                              / timing[f"student@{k}"]["wall_s_median"],
@@ -160,8 +192,8 @@ def run(args: argparse.Namespace) -> dict:
                              / timing[f"student@{k}"]["wall_s_median"]} for k in steps}
     if 4 in steps:
         gap = scores[scd[0].name]["next_frame"]["psnr"] - scores["student@4"]["next_frame"]["psnr"]
-        speed = report["speedup_over_teacher"]["student@4"]["wall_speedup"]
-        report["targets"] = {"psnr_gap_db": gap, "psnr_gap_target_db": TARGET_PSNR_GAP_DB,
+        speed = report["speedup_over_teacher"]["student@4"][scd[0].name]["wall_speedup"]
+        report["targets"] = {"teacher": scd[0].name, "psnr_gap_db": gap, "psnr_gap_target_db": TARGET_PSNR_GAP_DB,
                              "psnr_met": gap <= TARGET_PSNR_GAP_DB, "speedup": speed,
                              "speedup_target": TARGET_SPEEDUP, "speedup_met": speed >= TARGET_SPEEDUP}
     return report
@@ -175,12 +207,21 @@ def print_report(report: dict) -> None:
         ms = f"{t['wall_s_median'] * 1e3:9.1f}" if t else f"{'':9s}"
         print(f"{name:22s} {q['next_frame']['psnr']:9.2f} {q['next_frame']['ssim']:6.3f} "
               f"{q[rollout]['psnr']:16.2f} {q[rollout]['ssim']:6.3f} {ms}")
-    for name, r in report["speedup_over_teacher"].items():
-        print(f"{name}: {r['wall_speedup']:.2f}x faster per frame than its teacher (CPU time {r['cpu_speedup']:.2f}x)")
+    for name, per_teacher in report["speedup_over_teacher"].items():
+        for teacher, r in per_teacher.items():
+            print(f"{name}: {r['wall_speedup']:.2f}x faster per frame than {teacher} "
+                  f"(CPU time {r['cpu_speedup']:.2f}x)")
+    for name, r in report.get("scd_vs_dense", {}).items():
+        print(f"SCD {name}: {r['vs_dense_teacher']:.2f}x faster than the dense teacher, "
+              f"{r['vs_dense_student_same_steps']:.2f}x faster than the dense student at the same steps")
+    if "self_rollout" in report:
+        r = report["self_rollout"]
+        print(f"self-rollout distillation step: {r['step_seconds']:.2f}s vs {r['teacher_forced_step_seconds']:.2f}s "
+              f"teacher-forced ({r['step_cost_ratio']:.2f}x)")
     if "targets" in report:
         t = report["targets"]
-        print(f"4-step student: {t['psnr_gap_db']:+.2f} dB below its teacher (target <= {t['psnr_gap_target_db']}), "
-              f"{t['speedup']:.2f}x faster (target >= {t['speedup_target']})")
+        print(f"4-step student vs {t['teacher']}: next-frame PSNR gap {t['psnr_gap_db']:+.2f} dB (target <= "
+              f"{t['psnr_gap_target_db']}), {t['speedup']:.2f}x faster per frame (target >= {t['speedup_target']})")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -189,7 +230,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-run", type=Path, help="the dense baseline run, distilled the same way")
     p.add_argument("--student-steps", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--distill-steps", type=int, default=300, help="optimizer steps of each distillation")
-    p.add_argument("--teacher-steps", type=int, help="teacher steps in the comparison (default: its sample_steps)")
+    p.add_argument("--config", type=Path, help="scd-distill recipe YAML (e.g. configs/distill_tiny.yaml)")
+    p.add_argument("--teacher-steps", type=int, help="teacher steps distilled from (default: its sample_steps)")
+    p.add_argument("--extra-teacher-steps", type=int, nargs="*", default=[],
+                   help="also score and time the teachers at these steps (e.g. 50, the paper's)")
+    p.add_argument("--self-rollout", action="store_true",
+                   help="also distil the largest-K student on its own rollouts and report quality and step cost")
     p.add_argument("--clips", type=int, default=32, help="held-out clips scored")
     p.add_argument("--batch-clips", type=int, default=8)
     p.add_argument("--context", type=int, default=4, help="ground-truth frames before the scored ones")

@@ -81,6 +81,15 @@ def test_the_student_run_records_its_teacher_and_samples_like_any_run(teacher, o
     assert sample.main([str(one_step_student), "--clips", "2", "--context", "2", "--unroll", "3",
                         "--out", str(out)]) == 0
     assert len(list(out.glob("*.mp4"))) == 2
+    # scd-eval: the student at its one step beside the teacher at its eight
+    from scd_train.eval import cli as eval_cli
+
+    assert eval_cli.main(["--scd", str(one_step_student), "--baseline", str(teacher), "--clips", "2", "--context", "2",
+                          "--unroll", "2", "--trajectories", "1", "--sheet-clips", "0", "--wandb", "disabled",
+                          "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]
+    assert evaluated["scd"]["sampler"]["steps"] == 1 and evaluated["scd"]["sampler"]["schedule"] == "uniform"
+    assert evaluated["baseline"]["sampler"]["steps"] == 8
     # the streaming API: one decoder call per generated frame; an export reloads the same weights
     model, cfg = weights.load_model(one_step_student)
     calls = []
