@@ -143,6 +143,10 @@ def check_student_model(student: Config, teacher: Teacher) -> None:
             raise DistillInputError(f"model.{f.name}={mine!r} does not match the teacher's model.{f.name}={theirs!r} "
                                     f"({teacher.source}); the student starts from the teacher's weights, so only "
                                     f"{', '.join(sorted(FREE_MODEL_FIELDS))} may differ")
+    mine, theirs = student.diffusion.num_train_timesteps, teacher.cfg.diffusion.num_train_timesteps
+    if mine != theirs:
+        raise DistillInputError(f"diffusion.num_train_timesteps={mine} does not match the teacher's {theirs} "
+                                f"({teacher.source}): the student's timesteps would mean other noise levels")
 
 
 def _guidance(teacher: Teacher, cfg: Config) -> None:
@@ -167,7 +171,9 @@ def build_student_config(teacher: Teacher, steps: int, out: Path, recipe: Path |
     owned = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0] in OWNED]
     if owned:
         raise DistillInputError(f"{owned[0]} is set by scd-distill; use {OWNED[owned[0]]}")
-    merged = OmegaConf.create(to_dict(teacher.cfg))
+    base = to_dict(teacher.cfg)
+    base["distill"] = to_dict(Config())["distill"]  # a distilled teacher's own settings are not the student's
+    merged = OmegaConf.create(base)
     if recipe is not None:
         if not recipe.is_file():
             raise DistillInputError(f"--config {recipe} does not exist")
