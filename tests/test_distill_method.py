@@ -67,7 +67,7 @@ def test_a_student_equal_to_its_teacher_at_the_teachers_steps_has_nothing_to_lea
     cfg = distill_cfg(arch, steps=4, teacher_steps=4)  # one teacher sub-step per student step
     pair = make_pair(cfg, random_model(cfg))
     latents, actions = clip(cfg)
-    loss = DistillObjective()(pair, latents, actions).loss
+    loss = DistillObjective()(pair, latents, actions).loss.detach()
     assert float(loss) < 1e-10
     fewer = distill_cfg(arch, steps=2, teacher_steps=8)  # now a student step spans 4 teacher steps
     pair = make_pair(fewer, random_model(fewer))
@@ -172,3 +172,26 @@ def test_uniform_schedule_reaches_every_sampler_consumer():
     stream.prefill(clip(cfg, 1, 2)[0])
     stream.next_frame(torch.tensor([1]))
     assert seen == [1000.0, 750.0, 500.0, 250.0]
+
+
+def test_a_trained_encoder_gets_gradient_and_the_teacher_keeps_its_own():
+    cfg = distill_cfg("scd", 2, 4, "distill.train_encoder=true")
+    teacher = random_model(cfg)
+    student = copy.deepcopy(teacher)
+    pair = DistillationPair(student, SCDTeacher(teacher.decoder, teacher.encoder), build_method(cfg))
+    trainable = {n for n, p in pair.named_parameters() if p.requires_grad}
+    assert any(n.startswith("encoder.") for n in trainable) and not any(n.startswith("teacher.") for n in trainable)
+    latents, actions = clip(cfg)
+    DistillObjective()(pair, latents, actions).loss.backward()
+    assert student.encoder.blocks[0].qkv.weight.grad is not None
+    assert teacher.encoder.blocks[0].qkv.weight.grad is None
+
+
+def test_decoder_guidance_reaches_the_targets():
+    """At K = N an unguided student copy has loss 0; a guided teacher's targets differ from what the
+    (unguided) student predicts, so the student has the guidance to learn."""
+    latents, actions = clip(distill_cfg())
+    for scale, zero in ((1.0, True), (3.0, False)):
+        cfg = distill_cfg("scd", 4, 4, f"distill.teacher_cfg_scale={scale}", "distill.teacher_cfg_mode=decoder")
+        loss = float(DistillObjective()(make_pair(cfg, random_model(cfg)), latents, actions).loss.detach())
+        assert (loss < 1e-10) == zero, (scale, loss)
