@@ -2,6 +2,13 @@
 frames/s) for webdataset and MDS with 2 workers, against the rate the trainer consumes clips.
 
     python bench/data_pipeline.py                  # CPU: 64x64 frames, the default small VAE shape
+    python bench/data_pipeline.py --bucket         # loaders from a local S3 server vs the local disk
+
+``--bucket`` starts moto's S3 server on 127.0.0.1 (the ``dev`` extra), encodes the same shards into a
+bucket and onto the disk, and times the loaders side by side (interleaved, wall and CPU time): local
+disk, bucket with a cold cache (a fresh cache directory each time: every MDS shard is downloaded;
+webdataset scans the tar headers again) and bucket with a warm cache (MDS shards already cached on
+disk; webdataset reads each sample with one ranged GET either way).
 
 The VAE has the shape ``scd-data train-vae`` makes, with random weights: speed does not depend on
 what the weights learned. The trainer rate is the tiny_shards model's training step on the same
@@ -98,6 +105,82 @@ def bench_trainer(config: str, batch: int, clip_frames: int, steps: int) -> dict
             "samples_per_s": batch / step, "latent_frames_per_s": batch * clip_frames / step}
 
 
+def bench_bucket(args: argparse.Namespace) -> dict:
+    """Loader samples/s: local disk vs a bucket on a local S3 server, cold and warm cache, interleaved."""
+    import itertools
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test suite's S3 server
+    from s3_server import MotoServer
+
+    from scd_train.metrics.timing import MachineLoad, interleaved
+    from scd_train.storage import CacheSettings
+
+    load_start = MachineLoad.now()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        server = MotoServer(root / "moto.log")
+        try:
+            os.environ.update(server.env({}))
+            server.create_bucket("bench")
+            torch.manual_seed(0)
+            AutoencoderKL(**tiny_vae_config(4, 8, 16, args.size)).save_pretrained(str(root / "vae"))
+            make_inputs(root / "videos", args.videos, args.frames, args.size)
+            common = dict(height=args.size, width=args.size, clip_frames=args.clip_frames,
+                          stride=args.clip_frames // 2, videos_per_shard=4, workers=args.workers, progress=False)
+            encode(EncodeOptions(root / "videos", root / "shards", root / "vae", **common))
+            start = time.perf_counter()
+            encode(EncodeOptions(root / "videos", "s3://bench/shards", root / "vae", **common))
+            upload_s = time.perf_counter() - start
+            sources = {"disk": load_manifest(root / "shards"), "bucket": load_manifest("s3://bench/shards")}
+            fresh = itertools.count()
+
+            def read(source: str, fmt: str, cache: str | None) -> None:
+                loader = ShardLoader(sources[source], fmt, batch_size=args.batch_size, seed=0,
+                                     clip_frames=args.clip_frames, use_actions=True, num_workers=0,
+                                     cache=CacheSettings(cache) if cache else None)
+                it = iter(loader)
+                for _ in range(args.bucket_batches):
+                    next(it)
+                del it, loader  # releases the cache claim before the next reader of that directory
+
+            def cold_dir() -> str:
+                return str(root / f"cold-{next(fresh)}")
+
+            warm = str(root / "warm")
+            candidates = {
+                "webdataset disk": lambda: read("disk", "webdataset", None),
+                "webdataset bucket (new reader: header scan)": lambda: read("bucket", "webdataset", None),
+                "mds disk": lambda: read("disk", "mds", None),
+                "mds bucket, cold cache": lambda: read("bucket", "mds", cold_dir()),
+                "mds bucket, warm cache": lambda: read("bucket", "mds", warm),
+            }
+            stats = interleaved(candidates, repeats=args.repeats, warmup=1)
+            for path in root.glob("cold-*"):
+                shutil.rmtree(path, ignore_errors=True)
+        finally:
+            server.stop()
+    samples = args.bucket_batches * args.batch_size
+    rows = []
+    for name, st in stats.items():
+        rows.append({"reader": name, **st.summary(), "samples_per_call": samples,
+                     "samples_per_s": samples / st.median, "cpu_s_per_sample": st.cpu_median / samples})
+    disk = {r["reader"].split()[0]: r["samples_per_s"] for r in rows if r["reader"].endswith("disk")}
+    for row in rows:
+        row["vs_disk"] = row["samples_per_s"] / disk[row["reader"].split()[0]]
+    return {"benchmark": "data_pipeline_bucket", "device": "cpu", "date": args.date,
+            "machine_load": {"start": load_start.to_dict(), "end": MachineLoad.now().to_dict()},
+            "versions": library_versions(),
+            "setup": {"server": "moto standalone server on 127.0.0.1 (python -m moto.server)",
+                      "videos": args.videos, "frames_per_video": args.frames, "frame_size": args.size,
+                      "latent_shape": [args.clip_frames, 4, args.size // 8, args.size // 8],
+                      "batch_size": args.batch_size, "batches_per_call": args.bucket_batches,
+                      "loader_workers": 0, "repeats": args.repeats, "encode_to_bucket_s": upload_s},
+            "loaders": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=32)
@@ -109,8 +192,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--config", default="configs/tiny_shards.yaml")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
-    parser.add_argument("--out", type=Path, default=Path("bench/results/data_pipeline_cpu.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: bench/results/data_pipeline_cpu.json (data_pipeline_bucket_cpu.json)")
+    parser.add_argument("--bucket", action="store_true", help="loaders from a local S3 server vs the local disk")
+    parser.add_argument("--bucket-batches", type=int, default=12, help="--bucket: batches per timed call")
+    parser.add_argument("--repeats", type=int, default=3, help="--bucket: timed calls per reader")
     args = parser.parse_args(argv)
+    if args.bucket:
+        out = args.out or Path("bench/results/data_pipeline_bucket_cpu.json")
+        result = bench_bucket(args)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        for row in result["loaders"]:
+            print(f"{row['reader']:>44}: {row['samples_per_s']:8.0f} samples/s ({row['vs_disk']:.2f}x disk), "
+                  f"{row['cpu_s_per_sample'] * 1e3:.2f} ms CPU/sample")
+        print(f"load average {result['machine_load']['start']['loadavg_1m']:.1f} -> "
+              f"{result['machine_load']['end']['loadavg_1m']:.1f} on {os.cpu_count()} cores; wrote {out}")
+        return 0
+    args.out = args.out or Path("bench/results/data_pipeline_cpu.json")
     from diffusers import AutoencoderKL
 
     load_before = os.getloadavg()

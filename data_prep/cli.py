@@ -4,6 +4,7 @@
     scd-data train-vae data/videos/train --out data/vae --steps 400
     scd-data encode data/videos/train --vae data/vae --out data/shards --clip-frames 16 --stride 8
     scd-data verify data/shards
+    scd-data encode ... --out s3://bucket/latents/train     # endpoint and credentials: AWS_* variables
 """
 
 from __future__ import annotations
@@ -13,14 +14,20 @@ import json
 import sys
 from pathlib import Path
 
+from scd_train.cli import run_cli
+
+SUBCOMMANDS = ("synth", "train-vae", "encode", "verify")
+
 
 def _synth(args: argparse.Namespace) -> int:
+    from data_prep.checks import check_synth_options
     from data_prep.synth import write_synthetic
     from scd_train.config import SyntheticDataConfig
 
     cfg = SyntheticDataConfig(num_videos=args.num_videos, frames_per_video=args.frames, image_size=args.size,
                               digit_scale=args.digit_scale, digits_per_video=args.digits, speed=args.speed,
                               holdout_fraction=args.holdout_fraction)
+    check_synth_options(args.out, cfg, args.seed, args.fps)
     result = write_synthetic(args.out, cfg, args.seed, args.fps, progress=not args.quiet)
     print(f"synth: {result['train_videos']} train + {result['holdout_videos']} held-out videos in {args.out} "
           f"({result['written']} written, {result['kept']} already present)")
@@ -43,19 +50,17 @@ def _train_vae(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from data_prep.encode import EncodeError, EncodeOptions, encode
+    from data_prep.encode import EncodeOptions, encode
 
     height, width = args.size
     opts = EncodeOptions(args.inputs, args.out, args.vae, formats=args.format.split(","), height=height,
                          width=width, clip_frames=args.clip_frames, stride=args.stride,
                          videos_per_shard=args.videos_per_shard, dtype=args.dtype, normalization=args.normalization,
                          num_actions=args.num_actions, default_fps=args.fps, workers=args.workers,
-                         device=args.device, strict=args.strict, overwrite=args.overwrite, progress=not args.quiet)
-    try:
-        summary = encode(opts)
-    except (EncodeError, FileNotFoundError, ValueError) as exc:
-        print(f"scd-data encode: {exc}", file=sys.stderr)
-        return 1
+                         device=args.device, strict=args.strict, overwrite=args.overwrite, progress=not args.quiet,
+                         resample_fps=args.resample_fps, allow_mixed_fps=args.allow_mixed_fps,
+                         staging=args.staging, retries=args.retries, retry_delay_s=args.retry_delay)
+    summary = encode(opts)
     print(f"encode: {summary.videos} videos -> {summary.clips} clips; {summary.jobs_done} shard job(s) run, "
           f"{summary.jobs_reused} already complete; {summary.frames_encoded} frames in {summary.seconds:.1f}s "
           f"({summary.frames_per_second:.1f} frames/s)")
@@ -68,9 +73,13 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from data_prep.checks import check_retry_options
     from data_prep.verify import verify
+    from scd_train.storage import RetryPolicy
 
-    report = verify(args.root, args.format.split(",") if args.format else None, progress=not args.quiet)
+    check_retry_options(args.retries, args.retry_delay)
+    report = verify(args.root, args.format.split(",") if args.format else None, progress=not args.quiet,
+                    retry=RetryPolicy(args.retries, args.retry_delay))
     for problem in report.problems:
         print(f"  {problem}")
     status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
@@ -89,6 +98,12 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected N or HxW") from None
     return height, width
+
+
+def _retry_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retries", type=int, default=5,
+                   help="s3://: tries per request on transient failures (connection, timeout, throttling, 5xx)")
+    p.add_argument("--retry-delay", type=float, default=0.5, help="s3://: first wait in seconds, doubling")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="encode videos into latent clips in webdataset and/or MDS shards")
     p.add_argument("inputs", type=Path, help="folder of .mp4/.webm/.avi files, PNG/JPG frame folders, .npy arrays")
     p.add_argument("--vae", type=Path, required=True, help="local diffusers VAE folder (AutoencoderKL/DC)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", required=True, help="output directory, or an s3://bucket/prefix URL")
     p.add_argument("--format", default="webdataset,mds", help="webdataset, mds, or webdataset,mds")
     p.add_argument("--size", type=_size, default=(64, 64), help="target frame size N or HxW (resize + crop)")
     p.add_argument("--clip-frames", type=int, default=16)
@@ -137,25 +152,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalization", default="channel_stats", choices=["channel_stats", "scaling_factor"])
     p.add_argument("--num-actions", type=int, help="action classes (default: largest id + 1)")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of image folders and arrays")
+    p.add_argument("--resample-fps", type=float, help="resample every input to this frame rate (nearest frame)")
+    p.add_argument("--allow-mixed-fps", action="store_true",
+                   help="keep inputs of different frame rates as they are (refused otherwise)")
     p.add_argument("--workers", type=int, help="processes (default: all cores on CPU, 1 on CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--strict", action="store_true", help="fail (no manifest) if any input is bad")
     p.add_argument("--overwrite", action="store_true", help="discard shards made with other inputs or options")
+    p.add_argument("--staging", type=Path, help="s3:// --out: local directory for a job's files before upload "
+                                                "(default: a temporary directory)")
+    _retry_options(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_encode)
 
     p = sub.add_parser("verify", help="check shards against the manifest")
-    p.add_argument("root", type=Path)
+    p.add_argument("root", help="shard directory, or an s3://bucket/prefix URL")
     p.add_argument("--format", help="only this format (default: all in the manifest)")
     p.add_argument("--json", action="store_true", help="also print a JSON summary")
+    _retry_options(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_verify)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     return args.run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Errors read ``scd-data <subcommand>: message`` (see ``scd_train.cli``)."""
+    words = sys.argv[1:] if argv is None else argv
+    sub = next((w for w in words if not w.startswith("-")), None)
+    return run_cli(f"scd-data {sub}" if sub in SUBCOMMANDS else "scd-data", _main, argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from data_prep.synth import write_synthetic
 from data_prep.train_vae import VaeTrainOptions, train_vae
 from data_prep.verify import verify
 from scd_train.config import SyntheticDataConfig
+from scd_train.errors import RunFailure
 
 CLIP_FRAMES = 8  # configs/tiny_shards.yaml trains on 8-frame clips
 
@@ -67,7 +68,7 @@ def prepare_shards(out: Path, scale: DemoScale, timings: dict[str, float] | None
         print(f"{split}: {summary.clips} clips, {summary.frames_per_second:.0f} frames/s, {len(summary.bad)} bad")
         report = verify(out / "shards" / split, progress=False)
         if not report.ok:
-            raise RuntimeError(f"verify {split}: {report.problems[:3]}")
+            raise RunFailure(f"verify {split}: {report.problems[:3]}")
     _done("encode", timings)
     return [f"data.path={out / 'shards' / 'train'}", f"data.holdout_path={out / 'shards' / 'holdout'}",
             f"data.clip_frames={CLIP_FRAMES}"]

@@ -12,18 +12,23 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
+import tempfile
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from data_prep.checks import check_encode_options
+from data_prep.frame_rate import check_uniform_rate, probe_fps, resample_indices
 from data_prep.inputs import BadInput, VideoInput, list_inputs, read_actions, read_frames, resize_crop
+from data_prep.latent_bounds import check_encoded_statistics, video_extremes
+from data_prep.publish import fetch, publish
 from data_prep.writers import (
     as_float_array,
     atomic_write_json,
@@ -35,6 +40,8 @@ from data_prep.writers import (
 )
 from scd_train.data.manifest import MANIFEST, MANIFEST_VERSION, latent_crc
 from scd_train.data.vae import encode_pixels, load_vae, vae_info
+from scd_train.errors import InputError, ScdWarning
+from scd_train.storage import Location, RetryPolicy, open_location
 
 OPTIONS_FILE = "encode_options.json"
 FORMATS = ("webdataset", "mds")
@@ -43,7 +50,7 @@ FORMATS = ("webdataset", "mds")
 @dataclass
 class EncodeOptions:
     inputs: Path
-    out: Path
+    out: Path | str  # a directory, or an s3://bucket/prefix URL
     vae: Path
     formats: list[str] = field(default_factory=lambda: ["webdataset", "mds"])
     height: int = 64
@@ -61,13 +68,31 @@ class EncodeOptions:
     strict: bool = False
     overwrite: bool = False
     progress: bool = True
+    # Frame rates: inputs of several rates are refused unless resampled to one or explicitly kept.
+    resample_fps: float | None = None
+    allow_mixed_fps: bool = False
+    # s3:// --out: where a job's files are written before upload (None: a temporary directory)
+    staging: Path | None = None
+    # s3:// --out: tries per request on transient failures, first wait (doubling)
+    retries: int = 5
+    retry_delay_s: float = 0.5
+
+    @property
+    def work_dir(self) -> Path:
+        """Where files are written: --out itself, or the staging directory of a bucket --out."""
+        return Path(self.staging) if self.staging is not None else Path(self.out)
+
+    def destination(self) -> Location:
+        return open_location(self.out, RetryPolicy(self.retries, self.retry_delay_s))
 
     def layout(self, inputs: list[VideoInput], vae_hash: str) -> dict:
         """Everything that decides the bytes of the shards; a rerun must match it exactly."""
         return {"inputs": [i.name for i in inputs], "vae_config_sha256": vae_hash, "formats": sorted(self.formats),
                 "height": self.height, "width": self.width, "clip_frames": self.clip_frames, "stride": self.stride,
                 "videos_per_shard": self.videos_per_shard, "dtype": self.dtype, "num_actions": self.num_actions,
-                "default_fps": self.default_fps}
+                "default_fps": self.default_fps,
+                # only when set, so shards encoded before the option existed stay reusable
+                **({"resample_fps": self.resample_fps} if self.resample_fps is not None else {})}
 
 
 @dataclass
@@ -97,8 +122,8 @@ class EncodeSummary:
         return self.frames_encoded / self.seconds if self.seconds > 0 else 0.0
 
 
-class EncodeError(RuntimeError):
-    pass
+class EncodeError(InputError):
+    """Inputs or options that cannot be encoded as given; no manifest is written."""
 
 
 # -- planning ---------------------------------------------------------------------------------------
@@ -109,7 +134,7 @@ def plan_jobs(inputs: list[VideoInput], videos_per_shard: int) -> list[Job]:
             for k, start in enumerate(range(0, len(inputs), videos_per_shard))]
 
 
-def _check_layout(out: Path, layout: dict, overwrite: bool) -> None:
+def _check_layout(out: Location, layout: dict, overwrite: bool) -> None:
     path = out / OPTIONS_FILE
     if path.is_file():
         previous = json.loads(path.read_text())
@@ -120,13 +145,8 @@ def _check_layout(out: Path, layout: dict, overwrite: bool) -> None:
                               "use a new --out or pass --overwrite to start again")
         if previous != layout:
             for name in ("webdataset", "mds", "records", MANIFEST, OPTIONS_FILE):
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, layout)
+                (out / name).remove()
+    path.write_json(layout)
 
 
 def _short(value) -> str:
@@ -134,16 +154,16 @@ def _short(value) -> str:
     return text if len(text) < 80 else text[:77] + "..."
 
 
-def _record_intact(out: Path, record_path: Path) -> dict | None:
-    if not record_path.is_file():
+def _record_intact(out: Location, record_rel: str, present: dict[str, int]) -> dict | None:
+    """The job's record if it and every shard it lists are at ``out``; ``present``: one listing of ``out``."""
+    if record_rel not in present:
         return None
     try:
-        record = json.loads(record_path.read_text())
+        record = json.loads((out / record_rel).read_text())
     except json.JSONDecodeError:
         return None
     for shard in record["shards"]["webdataset"] + record["shards"]["mds"]:
-        path = out / shard["path"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+        if present.get(shard["path"]) != shard["bytes"]:
             return None
     return record
 
@@ -160,11 +180,18 @@ def _init_worker(opts: EncodeOptions, threads: int) -> None:
 
 
 def _encode_video(inp: VideoInput, job: Job, opts: EncodeOptions, vae, bad: list[dict]) -> tuple[list[dict], int]:
-    frames, fps = read_frames(inp, opts.default_fps)
+    frames, source_fps = read_frames(inp, opts.default_fps)
+    source_count = len(frames)
+    actions = read_actions(inp, source_count, opts.num_actions) if job.with_actions else None
+    fps = source_fps
+    if opts.resample_fps is not None:
+        keep = resample_indices(source_count, source_fps, opts.resample_fps)
+        frames, fps = frames[keep], float(opts.resample_fps)
+        actions = None if actions is None else actions[keep]
     count = len(frames)
     if count < opts.clip_frames:
-        raise BadInput(f"too short: {count} frames < --clip-frames {opts.clip_frames}")
-    actions = read_actions(inp, count, opts.num_actions) if job.with_actions else None
+        raise BadInput(f"too short: {count} frames < --clip-frames {opts.clip_frames}"
+                       + (f" (after resampling {source_fps:g} -> {fps:g} fps)" if fps != source_fps else ""))
     starts = list(range(0, count - opts.clip_frames + 1, opts.stride))
     used = starts[-1] + opts.clip_frames  # frames past the last clip are never encoded
     pixels = resize_crop(frames[:used], opts.height, opts.width)
@@ -177,7 +204,7 @@ def _encode_video(inp: VideoInput, job: Job, opts: EncodeOptions, vae, bad: list
             bad.append({"input": inp.name, "reason": f"non-finite latents in clip starting at frame {start}"})
             continue
         meta = {"key": key, "video": inp.name, "start": start, "frames": opts.clip_frames, "stride": opts.stride,
-                "fps": fps, "source_frames": count, "latents_crc32": latent_crc(clip)}
+                "fps": fps, "source_fps": source_fps, "source_frames": source_count, "latents_crc32": latent_crc(clip)}
         clip_actions = None if actions is None else np.ascontiguousarray(actions[start:start + opts.clip_frames])
         samples.append({"key": key, "latents": clip, "actions": clip_actions, "meta": meta})
     return samples, used
@@ -186,7 +213,7 @@ def _encode_video(inp: VideoInput, job: Job, opts: EncodeOptions, vae, bad: list
 def run_job(job: Job) -> dict:
     opts: EncodeOptions = _WORKER["opts"]
     vae = _WORKER["vae"]
-    samples, bad, frames_encoded, fps = [], [], 0, set()
+    samples, bad, frames_encoded, fps, source_fps = [], [], 0, set(), set()
     for inp in job.inputs:
         try:
             video_samples, used = _encode_video(inp, job, opts, vae, bad)
@@ -196,8 +223,9 @@ def run_job(job: Job) -> dict:
         frames_encoded += used
         samples += video_samples
         fps.update(s["meta"]["fps"] for s in video_samples)
+        source_fps.update(s["meta"]["source_fps"] for s in video_samples)
     samples.sort(key=lambda s: s["key"])
-    out = opts.out
+    out = opts.work_dir
     shards = {"webdataset": [], "mds": []}
     if samples and "webdataset" in opts.formats:
         shards["webdataset"].append(write_tar(out, out / "webdataset" / f"{job.name}.tar", samples))
@@ -206,9 +234,14 @@ def run_job(job: Job) -> dict:
         columns = mds_columns(shape, opts.dtype, job.with_actions)
         shards["mds"] = write_mds(out, out / "mds" / job.name, samples, columns)
     record = {"job": job.index, "inputs": [i.name for i in job.inputs], "samples": len(samples), "shards": shards,
-              "bad": bad, "frames_encoded": frames_encoded, "fps": sorted(fps), "stats": _channel_stats(samples),
+              "bad": bad, "frames_encoded": frames_encoded, "fps": sorted(fps), "source_fps": sorted(source_fps),
+              "extremes": video_extremes(samples), "stats": _channel_stats(samples),
               "max_action": max((int(s["actions"].max()) for s in samples if s["actions"] is not None), default=-1)}
     atomic_write_json(out / "records" / f"{job.name}.json", record)  # last: marks the job complete
+    shard_files = [s["path"] for s in shards["webdataset"] + shards["mds"]]
+    mds_index = [f"mds/{job.name}/index.json"] if shards["mds"] else []
+    publish(opts.destination(), out, shard_files, drop=True)  # shards first, the record last
+    publish(opts.destination(), out, mds_index + [f"records/{job.name}.json"])
     return record
 
 
@@ -228,28 +261,44 @@ def default_workers(device: str) -> int:
 
 
 def encode(opts: EncodeOptions) -> EncodeSummary:
+    check_encode_options(opts)
     bad_formats = [f for f in opts.formats if f not in FORMATS]
     if bad_formats or not opts.formats:
         raise EncodeError(f"--format {','.join(opts.formats)}: expected webdataset, mds or both")
     if opts.dtype not in ("float16", "float32"):
         raise EncodeError(f"--dtype {opts.dtype}: expected float16 or float32")
     info = vae_info(opts.vae)
+    if "float16" in info.weights_dtype:
+        warnings.warn(f"VAE {opts.vae} stores its weights in float16; they are loaded and run in float32 (an exact "
+                      "upcast: float16 arithmetic, not storage, overflows to NaN latents)", ScdWarning, stacklevel=2)
     for side, value in (("height", opts.height), ("width", opts.width)):
         if value % info.spatial_compression:
-            raise EncodeError(f"--{side} {value} is not divisible by the VAE's spatial compression "
+            raise EncodeError(f"--size: {side} {value} is not divisible by the VAE's spatial compression "
                               f"{info.spatial_compression}")
     inputs = list_inputs(opts.inputs)
     if not inputs:
         raise EncodeError(f"no videos (.mp4/.webm/.avi), image folders or .npy arrays under {opts.inputs}")
-    _check_layout(opts.out, opts.layout(inputs, info.config_sha256), opts.overwrite)
+    check_uniform_rate({i.name: probe_fps(i, opts.default_fps) for i in inputs}, opts.resample_fps,
+                       opts.allow_mixed_fps)
+    dest = opts.destination()
+    _check_layout(dest, opts.layout(inputs, info.config_sha256), opts.overwrite)
+    with tempfile.TemporaryDirectory(prefix="scd-encode-") as tmp:
+        staging = (opts.staging or Path(tmp)) if dest.is_remote else None
+        return _encode_jobs(replace(opts, staging=staging), dest, info, inputs)
+
+
+def _encode_jobs(opts: EncodeOptions, dest: Location, info, inputs: list[VideoInput]) -> EncodeSummary:
+    work = opts.work_dir
     for sub in ("webdataset", "mds", "records"):
-        (opts.out / sub).mkdir(exist_ok=True)
-        remove_temporaries(opts.out / sub)
-    remove_temporaries(opts.out)
+        (work / sub).mkdir(parents=True, exist_ok=True)
+        remove_temporaries(work / sub)
+    remove_temporaries(work)
+    dest.abort_incomplete_uploads()  # what a killed upload left: invisible to readers, but billed
     jobs = plan_jobs(inputs, opts.videos_per_shard)
     records: dict[int, dict] = {}
+    present = dest.file_sizes()
     for job in jobs:
-        if (rec := _record_intact(opts.out, opts.out / "records" / f"{job.name}.json")) is not None:
+        if (rec := _record_intact(dest, f"records/{job.name}.json", present)) is not None:
             records[job.index] = rec
     todo = [job for job in jobs if job.index not in records]
     summary = EncodeSummary(jobs_reused=len(records))
@@ -268,7 +317,7 @@ def encode(opts: EncodeOptions) -> EncodeSummary:
     if summary.clips == 0:
         raise EncodeError(f"no clip could be made from the {len(inputs)} inputs; first problem: "
                           f"{summary.bad[0]['input']}: {summary.bad[0]['reason']}" if summary.bad else "no clips")
-    summary.manifest = _write_manifest(opts, info, jobs, ordered)
+    summary.manifest = _write_manifest(opts, info, jobs, ordered, dest)
     return summary
 
 
@@ -305,8 +354,8 @@ def _run_jobs(todo: list[Job], opts: EncodeOptions, records: dict[int, dict]) ->
     return frames
 
 
-def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[dict]) -> Path:
-    out = opts.out
+def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[dict], dest: Location) -> Location:
+    out = opts.work_dir
     count = sum(r["stats"]["count"] for r in records)
     total = np.sum([r["stats"]["sum"] for r in records if r["stats"]["count"]], axis=0)
     total_sq = np.sum([r["stats"]["sumsq"] for r in records if r["stats"]["count"]], axis=0)
@@ -317,6 +366,7 @@ def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[di
     else:
         normalization = {"kind": "scaling_factor", "scaling_factor": info.scaling_factor,
                          "shift_factor": info.shift_factor}
+    check_encoded_statistics(opts, normalization, mean, std, records)
     with_actions = jobs[0].with_actions
     num_classes = opts.num_actions if opts.num_actions is not None else max(r["max_action"] for r in records) + 1
     sample_shape = [opts.clip_frames, info.latent_channels, opts.height // info.spatial_compression,
@@ -326,7 +376,9 @@ def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[di
         formats["webdataset"] = {"shards": [s for r in records for s in r["shards"]["webdataset"]]}
     if "mds" in opts.formats:
         job_dirs = [out / "mds" / job.name for job, r in zip(jobs, records) if r["shards"]["mds"]]
+        fetch(dest, out, [f"mds/{d.name}/index.json" for d in job_dirs])  # jobs finished by an earlier run
         merge_mds_index(out / "mds", job_dirs)
+        publish(dest, out, ["mds/index.json"])
         formats["mds"] = {"index": "mds/index.json", "shards": [s for r in records for s in r["shards"]["mds"]]}
     manifest = {
         "version": MANIFEST_VERSION,
@@ -337,13 +389,15 @@ def _write_manifest(opts: EncodeOptions, info, jobs: list[Job], records: list[di
         "normalization": normalization,
         "latent_stats": {"mean": mean.tolist(), "std": std.tolist(), "values_per_channel": count},
         "video": {"height": opts.height, "width": opts.width, "clip_frames": opts.clip_frames, "stride": opts.stride,
-                  "fps": sorted({f for r in records for f in r["fps"]})},
+                  "fps": sorted({f for r in records for f in r["fps"]}),
+                  "source_fps": sorted({f for r in records for f in r.get("source_fps", r["fps"])}),
+                  "resample_fps": opts.resample_fps},
         "actions": {"present": with_actions, "num_classes": num_classes if with_actions else 0},
         "formats": formats,
         "bad_inputs": sorted((b for r in records for b in r["bad"]), key=lambda b: b["input"]),
         "encode_options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()
-                           if k not in ("progress", "overwrite", "workers")},
+                           if k not in ("progress", "overwrite", "workers", "staging", "retries", "retry_delay_s")},
     }
-    path = out / MANIFEST
-    atomic_write_json(path, manifest)
-    return path
+    atomic_write_json(out / MANIFEST, manifest)
+    publish(dest, out, [MANIFEST])  # last: the set is complete
+    return dest / MANIFEST

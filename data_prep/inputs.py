@@ -10,13 +10,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scd_train.errors import InputError, MissingInput
+
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIX = ".npy"
 ACTIONS_SUFFIX = ".actions.npy"
 
 
-class BadInput(Exception):
+class BadInput(InputError):
     """One input cannot be used; the message says why. Counted and reported, never silently dropped."""
 
 
@@ -41,7 +43,7 @@ def list_inputs(root: str | Path) -> list[VideoInput]:
     """Every video file, image folder and .npy array under ``root``, sorted by name."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"input directory {root} does not exist")
+        raise MissingInput(f"input directory {root} does not exist")
     found = []
     for path in sorted(root.rglob("*")):
         name = path.relative_to(root).as_posix()
@@ -57,7 +59,7 @@ def list_inputs(root: str | Path) -> list[VideoInput]:
     stems: dict[str, str] = {}
     for inp in found:
         if inp.key_stem in stems:
-            raise ValueError(f"inputs {stems[inp.key_stem]!r} and {inp.name!r} map to the same sample key "
+            raise InputError(f"inputs {stems[inp.key_stem]!r} and {inp.name!r} map to the same sample key "
                              f"{inp.key_stem!r}; rename one")
         stems[inp.key_stem] = inp.name
     return found
@@ -128,8 +130,10 @@ def read_actions(inp: VideoInput, frames: int, num_actions: int | None) -> np.nd
         raise BadInput(f"actions shape {actions.shape} but the video has {frames} frames")
     if not np.issubdtype(actions.dtype, np.integer):
         raise BadInput(f"actions dtype {actions.dtype} is not an integer type")
-    if actions.size and (actions.min() < 0 or (num_actions is not None and actions.max() >= num_actions)):
-        raise BadInput(f"action ids outside [0, {num_actions})")
+    if actions.size and actions.min() < 0:
+        raise BadInput(f"negative action id {actions.min()} (ids count from 0)")
+    if actions.size and num_actions is not None and actions.max() >= num_actions:
+        raise BadInput(f"action id {actions.max()} but --num-actions {num_actions} allows [0, {num_actions - 1}]")
     return actions.astype(np.int64)
 
 

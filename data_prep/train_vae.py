@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data_prep.checks import check_vae_train_options
 from data_prep.inputs import BadInput, list_inputs, read_frames, resize_crop
+from scd_train.errors import InputError, MissingInput
+
+
+class OutputExists(InputError, FileExistsError):
+    """The output folder exists and --overwrite was not given."""
 
 
 @dataclass
@@ -43,7 +49,7 @@ class VaeTrainOptions:
 def tiny_vae_config(latent_channels: int, compression: int, base_channels: int, size: int) -> dict:
     levels = int(math.log2(compression))
     if 2 ** levels != compression:
-        raise ValueError(f"--compression {compression} must be a power of two")
+        raise InputError(f"--compression {compression} must be a power of two")
     channels = [base_channels * min(2 ** i, 2) for i in range(levels + 1)]
     return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * (levels + 1),
                 up_block_types=["UpDecoderBlock2D"] * (levels + 1), block_out_channels=channels, layers_per_block=1,
@@ -56,7 +62,7 @@ def load_training_frames(opts: VaeTrainOptions) -> tuple[torch.Tensor, list[str]
     chunks, bad = [], []
     inputs = list_inputs(opts.videos)
     if not inputs:
-        raise FileNotFoundError(f"no videos, image folders or .npy arrays under {opts.videos}")
+        raise MissingInput(f"no videos, image folders or .npy arrays under {opts.videos}")
     for inp in tqdm(inputs, desc="read", unit="video", disable=not opts.progress):
         try:
             frames, _ = read_frames(inp, default_fps=8.0)
@@ -66,7 +72,7 @@ def load_training_frames(opts: VaeTrainOptions) -> tuple[torch.Tensor, list[str]
         pixels = resize_crop(frames, opts.size, opts.size)
         chunks.append(((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
     if not chunks:
-        raise ValueError(f"none of the {len(inputs)} inputs under {opts.videos} could be read: {bad[:3]}")
+        raise InputError(f"none of the {len(inputs)} inputs under {opts.videos} could be read: {bad[:3]}")
     frames = torch.cat(chunks)
     if len(frames) > opts.max_frames:
         frames = frames[np.linspace(0, len(frames) - 1, opts.max_frames).round().astype(np.int64)]
@@ -74,10 +80,13 @@ def load_training_frames(opts: VaeTrainOptions) -> tuple[torch.Tensor, list[str]
 
 
 def train_vae(opts: VaeTrainOptions) -> dict:
-    from diffusers import AutoencoderKL
+    from scd_train.data.vae import diffusers_class
 
+    AutoencoderKL = diffusers_class("AutoencoderKL")  # noqa: N806
+
+    check_vae_train_options(opts)
     if opts.out.exists() and not opts.overwrite:
-        raise FileExistsError(f"{opts.out} exists; pass --overwrite to replace it")
+        raise OutputExists(f"{opts.out} exists; pass --overwrite to replace it")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)

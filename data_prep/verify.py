@@ -1,17 +1,22 @@
-"""``scd-data verify``: every shard against the manifest (size, sha256, sample count), every sample
-against the latent contract (fields, shape, dtype, finite values, per-sample checksum)."""
+"""``scd-data verify``: every shard against the manifest (size, sha256, sample count, tar layout,
+per-job MDS index), every sample against the latent contract (fields, shape, dtype, finite values,
+per-sample checksum, value bounds, integer actions), and the statistics of all stored latents
+against the manifest's ``latent_stats``."""
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from scd_train.data.manifest import file_sha256, load_manifest
+from scd_train.data.latent_checks import StatsAccumulator, statistics_mismatch
+from scd_train.data.manifest import ManifestError, load_manifest
 from scd_train.data.shard_readers import CorruptSampleError, open_shards
+from scd_train.storage import CacheSettings, RetryPolicy
 
 
 @dataclass
@@ -25,33 +30,42 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(root: Path, formats: list[str] | None = None, progress: bool = True) -> VerifyReport:
-    manifest = load_manifest(root, "the shard directory")
+def verify(root: Path | str, formats: list[str] | None = None, progress: bool = True,
+           retry: RetryPolicy | None = None) -> VerifyReport:
+    """``root``: a shard directory or an s3:// prefix (MDS shards of a bucket pass through a scratch cache)."""
+    manifest = load_manifest(root, "the shard directory", retry=retry)
     report = VerifyReport()
-    for fmt in formats or sorted(manifest.shards):
-        _verify_format(manifest, fmt, report, progress)
+    with tempfile.TemporaryDirectory(prefix="scd-verify-") as scratch:
+        for fmt in formats or sorted(manifest.shards):
+            _verify_format(manifest, fmt, report, progress, CacheSettings(scratch))
     return report
 
 
-def _verify_format(manifest, fmt: str, report: VerifyReport, progress: bool) -> None:
+def _verify_format(manifest, fmt: str, report: VerifyReport, progress: bool, cache: CacheSettings) -> None:
     entries = manifest.shards_for(fmt)
+    sizes = manifest.root.file_sizes([e.path for e in entries])
     intact = []
     for entry in entries:
         path = manifest.root / entry.path
         report.shards += 1
-        if not path.is_file():
+        if entry.path not in sizes:
             report.problems.append(f"{fmt} shard {path}: missing")
-        elif path.stat().st_size != entry.bytes:
-            report.problems.append(f"{fmt} shard {path}: {path.stat().st_size} bytes, manifest says {entry.bytes}")
-        elif file_sha256(path) != entry.sha256:
+        elif sizes[entry.path] != entry.bytes:
+            report.problems.append(f"{fmt} shard {path}: {sizes[entry.path]} bytes, manifest says {entry.bytes}")
+        elif path.sha256() != entry.sha256:
             report.problems.append(f"{fmt} shard {path}: sha256 differs from the manifest")
         else:
             intact.append(entry.path)
     if fmt == "mds":
         _verify_mds_index(manifest, entries, report)
     keys: dict[str, str] = {}
-    read = 0
-    readers = open_shards(manifest, fmt) if not any("missing" in p for p in report.problems) else []
+    read, stats = 0, StatsAccumulator()
+    readers = []
+    if not any("missing" in p for p in report.problems):
+        try:
+            readers = open_shards(manifest, fmt, cache)
+        except ManifestError as exc:  # e.g. a per-job MDS index that disagrees with the manifest
+            report.problems.append(str(exc))
     total = sum(len(r) for r in readers)
     with tqdm(total=total, desc=f"verify {fmt}", unit="sample", disable=not progress, file=sys.stderr) as bar:
         for reader in readers:
@@ -65,17 +79,20 @@ def _verify_format(manifest, fmt: str, report: VerifyReport, progress: bool) -> 
                 if sample.key in keys:
                     report.problems.append(f"sample key {sample.key} appears in {keys[sample.key]} and {reader.path}")
                 keys[sample.key] = str(reader.path)
+                stats.add(sample.latents)
                 read += 1
                 bar.update()
     report.samples += read
     expected = sum(e.samples for e in entries)
     if readers and read < expected and not report.problems:
         report.problems.append(f"{fmt}: read {read} samples, manifest says {expected}")
+    if readers and read == expected and (mismatch := statistics_mismatch(stats, manifest)) is not None:
+        report.problems.append(f"{fmt}: {mismatch}")
 
 
 def _verify_mds_index(manifest, entries, report: VerifyReport) -> None:
     index_path = manifest.root / "mds" / "index.json"
-    if not index_path.is_file():
+    if not index_path.exists():
         report.problems.append(f"MDS index {index_path} is missing (StreamingDataset needs it)")
         return
     listed = {f"mds/{s['raw_data']['basename']}" for s in json.loads(index_path.read_text())["shards"]}

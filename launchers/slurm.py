@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
+from scd_train.cli import command
 from scd_train.cluster.job import preemption_signal
 from scd_train.cluster.submission import (
     CLUSTERS,
@@ -32,6 +34,8 @@ from scd_train.cluster.submission import (
     submit,
     submitit_folder,
 )
+from scd_train.config import ignored_settings
+from scd_train.errors import ScdWarning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,24 +110,23 @@ def report_submission(jobs: list, info: dict, folder, cluster: str) -> None:
         print(f"status: squeue -j {ids}    cancel: scancel {ids}    training log: <run directory>/train.log")
 
 
+@command("launchers/slurm.py")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_preemption_signal()
-        resources = resources_from_args(args)
-        check_cluster(args.cluster, resources)
-        sweep = load_sweep(args.sweep) if args.sweep else None
-        runs = plan_runs(args.config, args.overrides, args.backend, args.run_dir, resources.world_size, sweep)
-        resources.job_name = args.job_name or (runs[0].run_dir.parent if sweep else runs[0].run_dir).name
-        info = describe(resources, runs, args.cluster, sweep is not None)
-        if args.dry_run:
-            print(render_dry_run(info), end="")
-            return 0
-        folder = submitit_folder(runs, sweep is not None)
-        executor = make_executor(args.cluster, folder, resources, args.max_timeouts)
-    except LaunchError as exc:
-        print(f"launchers/slurm.py: {exc}", file=sys.stderr)
-        return 2
+    check_preemption_signal()
+    resources = resources_from_args(args)
+    check_cluster(args.cluster, resources)
+    sweep = load_sweep(args.sweep) if args.sweep else None
+    runs = plan_runs(args.config, args.overrides, args.backend, args.run_dir, resources.world_size, sweep)
+    for note in dict.fromkeys(n for run in runs for n in ignored_settings(run.cfg)):
+        warnings.warn(note, ScdWarning, stacklevel=1)
+    resources.job_name = args.job_name or (runs[0].run_dir.parent if sweep else runs[0].run_dir).name
+    info = describe(resources, runs, args.cluster, sweep is not None)
+    if args.dry_run:
+        print(render_dry_run(info), end="")
+        return 0
+    folder = submitit_folder(runs, sweep is not None)
+    executor = make_executor(args.cluster, folder, resources, args.max_timeouts)
     jobs = submit(executor, runs, sweep is not None)
     report_submission(jobs, info, folder, args.cluster)
     if args.cluster != "slurm":

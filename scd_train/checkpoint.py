@@ -5,13 +5,19 @@ Layout of ``<run_dir>/checkpoints``::
     step_00000500/            a complete checkpoint
       state/                  model, optimizer and EMA (DCP shards, or DeepSpeed's files)
       rank_00000.pt           per-rank RNG states and data position
-      trainer_state.json      step, samples seen, world size, logger run id, ...
-      COMPLETE                written last, after every rank has written
+      trainer_state.json      step, samples seen, world size, logger run id, tensor shapes, ...
+      config.yaml             the resolved config that trained up to this step
+      COMPLETE                written last: step, world size and a manifest (size + SHA-256) of every file
     step_00001000.partial/    a save in progress (or killed): never loaded
-    latest                    name of the newest complete checkpoint, replaced atomically
+    step_00000750.damaged/    a complete checkpoint whose files no longer match their manifest
+    latest                    name of the newest complete checkpoint, replaced atomically (for people
+                              and scripts: resuming never depends on it)
 
-A save writes into ``.partial``, waits for every rank, marks it complete, renames it, then moves
-``latest``. Retention deletes only complete checkpoints older than the newest one.
+A save writes into ``.partial``, waits for every rank, hashes the files, marks the directory
+complete, renames it, then moves ``latest``. Resuming takes the newest complete checkpoint whose
+files match their manifest, skipping (and, in training, renaming to ``.damaged``) any that do not,
+with a warning that names the damaged file. Retention deletes only complete checkpoints older than
+the one just written.
 """
 
 from __future__ import annotations
@@ -27,11 +33,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scd_train.checkpoint_integrity import check_files, digest_files, file_digest, list_files, share_of
+from scd_train.errors import InputError, ResumeError
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+CONFIG = "config.yaml"
+DAMAGED_SUFFIX = ".damaged"
+
+
+class DamagedCheckpointError(InputError, FileNotFoundError):
+    """No checkpoint can be used: each one's files differ from what was written (named per file)."""
+
+
+class LocalRuntime:
+    """Rank 0 of 1 without a process group: for single-process readers (sampling, export, tools)."""
+
+    rank, world_size, is_main, distributed = 0, 1, True, False
+
+    def barrier(self) -> None: ...
 
 
 def rank_file(rank: int) -> str:
@@ -84,17 +107,49 @@ def step_of(path: Path) -> int:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file() and not path.name.endswith(".partial")
+    """Marked complete, and neither an unfinished (``.partial``) nor a set-aside (``.damaged``) one."""
+    return "." not in path.name and (path / COMPLETE).is_file()
+
+
+def read_marker(path: Path) -> dict:
+    """The completion marker of ``path`` (step, world size, file manifest); raises ValueError when unreadable."""
+    try:
+        marker = json.loads((path / COMPLETE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"its {COMPLETE} marker is unreadable ({exc})") from None
+    if not isinstance(marker, dict):
+        raise ValueError(f"its {COMPLETE} marker is not a JSON object")
+    return marker
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """Everything wrong with checkpoint ``path`` (empty when its files match its manifest), in one process."""
+    return CheckpointManager(path.parent, keep=1).verify(path)
+
+
+def _collective(runtime) -> bool:
+    return bool(getattr(runtime, "distributed", False))
 
 
 class CheckpointManager:
-    def __init__(self, root: Path | str, keep: int, runtime) -> None:
+    def __init__(self, root: Path | str, keep: int, runtime=None) -> None:
         self.root = Path(root)
         self.keep = keep
-        self.runtime = runtime
+        self.runtime = runtime if runtime is not None else LocalRuntime()
+        # (checkpoint, problems) of every damaged checkpoint passed over so far
+        self.skipped: list[tuple[Path, list[str]]] = []
 
-    def save(self, step: int, backend, ema, trainer_state: dict, rank_state: dict) -> Path:
-        """Every rank calls this at the same step boundary."""
+    # -- collectives that degrade to local calls without a process group ------------------------
+    def _broadcast(self, obj):
+        return self.runtime.broadcast_object(obj) if _collective(self.runtime) else obj
+
+    def _gather(self, obj) -> list:
+        return self.runtime.all_gather_object(obj) if _collective(self.runtime) else [obj]
+
+    def save(self, step: int, backend, ema, trainer_state: dict, rank_state: dict,
+             texts: dict[str, str] | None = None) -> Path:
+        """Every rank calls this at the same step boundary; ``texts`` are extra files rank 0 writes
+        into the checkpoint (e.g. the resolved config)."""
         final = self.root / f"step_{step:08d}"
         partial = self.root / f"step_{step:08d}.partial"
         if self.runtime.is_main:
@@ -104,22 +159,33 @@ class CheckpointManager:
         backend.save(partial, ema)
         atomic_torch_save(rank_state, partial / rank_file(self.runtime.rank))
         self.runtime.barrier()
+        # every rank hashes its share of what all ranks wrote; rank 0 records the union
+        names = list_files(partial)
+        shares = self._gather(digest_files(partial, share_of(names, self.runtime.rank, self.runtime.world_size)))
         if self.runtime.is_main:
-            self._finalize(partial, final, step, trainer_state)
+            digests = {name: d for share in shares for name, d in share.items()}
+            self._finalize(partial, final, step, trainer_state, digests, texts or {})
         self.runtime.barrier()
         return final
 
-    def _finalize(self, partial: Path, final: Path, step: int, trainer_state: dict) -> None:
+    def _finalize(self, partial: Path, final: Path, step: int, trainer_state: dict, digests: dict[str, dict],
+                  texts: dict[str, str]) -> None:
         atomic_write_text(partial / TRAINER_STATE, json.dumps(trainer_state, indent=2))
-        marker = {"step": step, "world_size": self.runtime.world_size, "time": time.time()}
-        atomic_write_text(partial / COMPLETE, json.dumps(marker))
+        for name, text in texts.items():
+            atomic_write_text(partial / name, text)
+        # files this rank's listing shows that no share covered (listings can lag on network file systems)
+        for name in list_files(partial, exclude=[*digests, COMPLETE]):
+            digests[name] = file_digest(partial / name)
+        marker = {"step": step, "world_size": self.runtime.world_size, "time": time.time(),
+                  "files": dict(sorted(digests.items()))}
+        atomic_write_text(partial / COMPLETE, json.dumps(marker, indent=1))
         _fsync_dir(partial)
         if final.exists():
             shutil.rmtree(final)
         os.rename(partial, final)
         _fsync_dir(self.root)
         atomic_write_text(self.root / LATEST, final.name)
-        self.prune()
+        self.prune(just_written=step)
 
     def complete_checkpoints(self) -> list[Path]:
         if not self.root.is_dir():
@@ -127,8 +193,12 @@ class CheckpointManager:
         found = [p for p in self.root.glob("step_*") if p.is_dir() and is_complete(p)]
         return sorted(found, key=step_of)
 
-    def prune(self) -> None:
+    def prune(self, just_written: int | None = None) -> None:
+        """Keep the ``keep`` newest complete checkpoints up to the one just written; never touch a
+        higher step (only another run could have written it, and it is not ours to delete)."""
         complete = self.complete_checkpoints()
+        if just_written is not None:
+            complete = [p for p in complete if step_of(p) <= just_written]
         for old in complete[: max(0, len(complete) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
         newest = step_of(complete[-1]) if complete else -1
@@ -136,21 +206,71 @@ class CheckpointManager:
             if step_of(stale) < newest:
                 shutil.rmtree(stale, ignore_errors=True)
 
-    def find_resumable(self) -> Path | None:
-        """The newest complete checkpoint; incomplete ones are skipped with a warning."""
-        pointer = self.root / LATEST
-        if pointer.is_file():
-            named = self.root / pointer.read_text().strip()
-            if named.is_dir() and is_complete(named):
-                newer = [p for p in self.root.glob("step_*") if p.is_dir() and step_of(p) > step_of(named)]
-                for p in newer:
-                    log.warning("skipping incomplete checkpoint %s (no %s marker)", p, COMPLETE)
-                return named
+    def _candidates(self) -> list[Path]:
+        """Complete checkpoints, newest first, whatever ``latest`` says (a kill between the rename and
+        the pointer update leaves it one behind); newer unfinished saves are named and skipped."""
         complete = self.complete_checkpoints()
-        for p in self.root.glob("step_*") if self.root.is_dir() else []:
-            if p.is_dir() and not is_complete(p) and (not complete or step_of(p) > step_of(complete[-1])):
+        newest = step_of(complete[-1]) if complete else -1
+        for p in sorted(self.root.glob("step_*.partial"), key=step_of) if self.root.is_dir() else []:
+            if step_of(p) > newest:
+                log.warning("skipping incomplete checkpoint %s (a save that never finished: no %s marker)",
+                            p, COMPLETE)
+        for p in sorted(self.root.glob("step_*"), key=step_of) if self.root.is_dir() else []:
+            if p.is_dir() and "." not in p.name and not (p / COMPLETE).is_file() and step_of(p) > newest:
                 log.warning("skipping incomplete checkpoint %s (no %s marker)", p, COMPLETE)
-        return complete[-1] if complete else None
+        return complete[::-1]
+
+    def verify(self, path: Path) -> list[str]:
+        """What is wrong with ``path`` against its manifest (empty: intact). Collective: every rank
+        calls it and checks its share of the files."""
+        marker = None
+        if self.runtime.is_main:
+            try:
+                marker = read_marker(path)
+            except ValueError as exc:
+                marker = {"error": str(exc)}
+        marker = self._broadcast(marker)
+        if "error" in marker:
+            return [marker["error"]]
+        files = marker.get("files")
+        if files is None:
+            if self.runtime.is_main:
+                log.warning("checkpoint %s has no file manifest (written by an older version): loading it "
+                            "unverified", path)
+            return []
+        mine = share_of(sorted(files), self.runtime.rank, self.runtime.world_size)
+        return sorted(p for share in self._gather(check_files(path, files, mine)) for p in share)
+
+    def find_resumable(self, set_aside_damaged: bool = False) -> Path | None:
+        """The newest complete checkpoint whose files are intact. Damaged ones are skipped with a
+        warning naming what is wrong (and renamed ``*.damaged`` when ``set_aside_damaged``); when
+        every complete checkpoint is damaged, DamagedCheckpointError names them all (and any skipped
+        before by this manager)."""
+        for path in self._broadcast(self._candidates() if self.runtime.is_main else None):
+            problems = self.verify(path)
+            if not problems:
+                if self.skipped and self.runtime.is_main:
+                    log.warning("resuming from %s, the newest intact checkpoint", path)
+                return path
+            self.skipped.append((path, problems))
+            if self.runtime.is_main:
+                log.warning("checkpoint %s is damaged and is skipped: %s", path, "; ".join(problems[:5]))
+                if set_aside_damaged:
+                    self.set_aside(path)
+        if self.skipped:
+            detail = " | ".join(f"{p.name}: {'; '.join(problems[:3])}" for p, problems in self.skipped)
+            raise DamagedCheckpointError(
+                f"every complete checkpoint under {self.root} is damaged ({detail}); restore the files, or "
+                "start over in another train.run_dir")
+        return None
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a damaged checkpoint so that it is never a candidate again (its files stay for inspection)."""
+        target = path.with_name(path.name + DAMAGED_SUFFIX)
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        os.rename(path, target)
+        return target
 
     def load(self, path: Path, backend, ema) -> tuple[dict, dict | None]:
         """Restore backend state and EMA; returns (trainer_state, this rank's state).
@@ -162,9 +282,11 @@ class CheckpointManager:
         saved_world = trainer_state["world_size"]
         world = self.runtime.world_size
         if saved_world != world and not backend.supports_reshard:
-            raise RuntimeError(
+            raise ResumeError(
                 f"checkpoint {path} was written by {saved_world} ranks but this run has {world}; "
-                f"train.backend={backend.name!r} cannot reshard it: resume with {saved_world} ranks")
+                f"train.backend={backend.name!r} cannot reshard it: resume with {saved_world} ranks, or export "
+                "the weights (scd-export) and start a new run from them with train.init_from")
+        # a load that fails (damaged files) raises as it is: resume.restore falls back to an older checkpoint
         backend.load(path, ema)
         if saved_world != world:
             log.warning("checkpoint %s was written by %d ranks; resharded onto %d", path, saved_world, world)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +19,10 @@ from typing import Any, Literal
 import yaml
 from omegaconf import OmegaConf
 
+from scd_train.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration value or key is invalid; the message names the dotted path."""
 
 
@@ -58,6 +61,13 @@ class ModelConfig:
     fusion: Literal["token_concat", "add", "channel_concat"] = "token_concat"
     # "auto": FlexAttention block masks on CUDA, SDPA with a boolean mask elsewhere.
     attention: Literal["auto", "sdpa", "flex"] = "auto"
+    # Frames of history every encoder token attends to: its own frame and the previous
+    # encoder_window - 1 (the training mask and a fixed-size ring-buffer KV cache at inference
+    # alike); null = the full history. With a window, streams run past max_frames at constant
+    # memory and per-frame cost (docs/streaming.md). Applies to the dense baseline too.
+    encoder_window: int | None = None
+    # The first frames of a clip or stream, kept in view beside the window for ever (0 = none).
+    encoder_sink_frames: int = 0
 
 
 @dataclass
@@ -83,6 +93,10 @@ class DiffusionConfig:
     cfg_scale: float = 1.0
     # "decoder": unconditional branch = encoder context with fresh noise; "action": null actions.
     cfg_mode: Literal["decoder", "action"] = "decoder"
+    # The sampler's per-frame decoder loop: "auto" compiles it on CUDA (torch.compile, plus a
+    # CUDA graph of a whole frame's steps where that is faster) and runs it eagerly elsewhere;
+    # "on" compiles on any device (a CPU pays a minute of compilation up front); "off" is eager.
+    sample_compile: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -126,16 +140,29 @@ class SyntheticDataConfig:
 class DataConfig:
     # "synthetic" renders the embedded videos in memory; the others read latent shards.
     source: Literal["synthetic", "webdataset", "mds"] = "synthetic"
-    # Directory holding shards and manifest.json (for webdataset / mds).
+    # Directory holding shards and manifest.json (for webdataset / mds): a local path or an
+    # s3://bucket/prefix URL (endpoint and credentials from the standard AWS_* variables / profiles).
     path: str | None = None
     # Shard directory of held-out clips for sampling and evaluation (webdataset / mds).
     holdout_path: str | None = None
+    # Node-local directory caching MDS shards read from a bucket (null: <tmp>/scd-train-cache-<uid>);
+    # one job at a time per node and set. Leftovers of a killed run are cleaned at start-up.
+    cache_dir: str | None = None
+    # Most bytes the cache may hold per shard set, e.g. "20gb" (null: the whole set); at least 4 shards.
+    cache_limit: str | None = None
+    # Tries of each bucket request on transient failures (connection, timeout, throttling, 5xx),
+    # waiting remote_retry_delay_s, then twice as long each time (at most 8 s); every retry is logged.
+    remote_retries: int = 5
+    remote_retry_delay_s: float = 0.5
     # Latent normalization the model expects; must match the manifest ("channel_stats": per-channel
     # mean/std measured at encode time, "scaling_factor": the VAE's scaling/shift factors).
     normalization: Literal["channel_stats", "scaling_factor"] = "channel_stats"
     # VAE folder that decodes latents to pixels; null uses the one recorded in the manifest.
-    # When set, its config hash must match the manifest's.
+    # When set, its config and weights hashes must match the manifest's.
     vae_path: str | None = None
+    # A manifest that does not identify its VAE (config and weights sha256, temporal compression)
+    # is refused unless this is true; the run then cannot check which VAE made its latents.
+    allow_unverified_vae: bool = False
     # Frames per training clip.
     clip_frames: int = 16
     # Stride between clip starts when cutting videos into clips.
@@ -167,8 +194,21 @@ class TrainConfig:
     # Recompute each transformer block in backward to save activation memory.
     activation_checkpointing: bool = False
     run_dir: str = "runs/default"
-    # Resume from the latest complete checkpoint in run_dir when one exists.
+    # Resume from the newest intact checkpoint in run_dir when one exists.
     resume: bool = True
+    # resume=false in a run_dir that already holds a run (checkpoints or metrics): "refuse" the start,
+    # "archive" the old run under run_dir/archive/<time>/ first, or "overwrite" (delete) it.
+    on_used_run_dir: Literal["refuse", "archive", "overwrite"] = "refuse"
+    # Seconds to wait for another process holding run_dir (e.g. a previous job still saving) to end.
+    run_dir_lock_wait_s: float = 120.0
+    # Seconds a stop request (SIGTERM/SIGUSR2, a vanished launcher) waits for the next step boundary
+    # before the process exits without saving; checkpoint writes do not count. 0 waits forever.
+    stop_grace_s: float = 120.0
+    # Seconds every rank waits for the others to join the process group before it stops, naming
+    # the missing ranks (not used under torchrun, whose agent gathers the workers itself).
+    rendezvous_timeout_s: float = 300.0
+    # Seconds a collective (all-reduce, barrier, a checkpoint's gather) may wait for a peer.
+    collective_timeout_s: float = 1800.0
     # safetensors weights (e.g. from scd-convert) loaded into the model before training starts;
     # ignored once run_dir holds a checkpoint to resume from.
     init_from: str | None = None
@@ -273,34 +313,114 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides; validated."""
+    """Defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides; validated.
+
+    An error names where the offending value came from: the file, or the command-line override.
+    """
     text = None
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         text = path.read_text()
+    return config_from_text(text, overrides, source=str(path) if path is not None else None)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where ``1e-3`` (no dot) is a string; YAML 1.2 and every user read it
+    as a number."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML with 1.2 number rules; a syntax error names ``where`` and the line."""
     try:
-        return config_from_text(text, overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}:{line} invalid YAML ({problem})") from None
 
 
-def config_from_text(text: str | None, overrides: list[str] | None = None) -> Config:
-    """Like ``load_config`` for YAML held in a string (e.g. metadata of an exported model)."""
+def config_from_text(text: str | None, overrides: list[str] | None = None, source: str | None = None) -> Config:
+    """Like ``load_config`` for YAML held in a string (e.g. metadata of an exported model);
+    ``source`` names the text in messages."""
+    where = source or "config"
     merged = OmegaConf.create({})
     if text:
-        loaded = OmegaConf.create(yaml.safe_load(text) or {})
-        merged = OmegaConf.merge(merged, loaded)
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not of the form key.sub=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    raw = OmegaConf.to_container(merged, resolve=True) or {}
+        loaded = parse_yaml(text, where)
+        if loaded is not None:
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{where}: expected a mapping of sections (model:, optim:, ...), got {loaded!r}")
+            merged = OmegaConf.create(loaded)
+            _check_part(merged, where)
+    for override in overrides or []:
+        merged = _apply_override(merged, override)
+    try:
+        raw = OmegaConf.to_container(merged, resolve=True) or {}
+    except Exception as exc:  # omegaconf interpolation errors (${...}) come in many types
+        origin = f"{where} with the command-line overrides" if overrides else where
+        raise ConfigError(f"{origin}: cannot resolve an interpolation ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0]})") from None
     cfg = from_dict(Config, raw, prefix="")
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(_attribute(str(exc), where, overrides or [])) from None
     return cfg
+
+
+def _check_part(part, where: str) -> None:
+    """Keys and types of one source (the file or one override) on their own, so errors name it.
+
+    A part whose ${...} interpolations need the other parts is left to the check of the merged config.
+    """
+    try:
+        raw = OmegaConf.to_container(part, resolve=True)
+    except Exception:  # noqa: BLE001 - unresolvable on its own
+        return
+    try:
+        from_dict(Config, raw, prefix="")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _apply_override(merged, override: str):
+    if "=" not in override:
+        raise ConfigError(f"command-line override {override!r} is not of the form key.sub=value")
+    where = f"command-line override {override!r}"
+    try:
+        part = OmegaConf.from_dotlist([override])
+    except Exception as exc:  # omegaconf's grammar errors
+        raise ConfigError(f"{where}: cannot parse the value ({str(exc).splitlines()[0]})") from None
+    _check_part(part, where)
+    try:
+        return OmegaConf.merge(merged, part)
+    except Exception as exc:
+        raise ConfigError(f"{where}: {str(exc).splitlines()[0]}") from None
+
+
+_DOTTED_KEY = re.compile(r"\b[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+")
+
+
+def _attribute(message: str, where: str, overrides: list[str]) -> str:
+    """Prefix a cross-field error with the file, or name the overrides that set the keys it cites."""
+    cited = set(_DOTTED_KEY.findall(message))
+    last = {o.split("=", 1)[0].strip(): o for o in overrides}  # the last override of a key is the one in effect
+    involved = [o for key, o in last.items() if key in cited]
+    if involved:
+        return f"{message} (set on the command line: {' '.join(involved)})"
+    return f"{where}: {message}"
 
 
 def from_dict(cls: type, raw: Any, prefix: str) -> Any:
@@ -308,7 +428,7 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
@@ -322,6 +442,9 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
     for name, value in raw.items():
         values[name] = _coerce(hints[name], value, f"{prefix}{name}")
     return cls(**values)
+
+
+_FLOAT_TEXT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$")
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
@@ -352,6 +475,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}={value!r}: expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            return float(value)  # e.g. 1e-3 from a YAML 1.1 reader or a quoted sweep value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r}: expected a number")
         return float(value)
@@ -362,9 +487,89 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported field type {tp}")
 
 
+# Lower bounds of single values: (dotted key, smallest allowed value, what the bound protects).
+_AT_LEAST = (
+    ("model.latent_channels", 1), ("model.latent_height", 1), ("model.latent_width", 1), ("model.patch_size", 1),
+    ("model.width", 1), ("model.num_heads", 1), ("model.head_dim", 2), ("model.max_frames", 2),
+    ("diffusion.num_train_timesteps", 1), ("diffusion.sample_steps", 1), ("diffusion.cfg_scale", 0.0),
+    ("model.context_noise", 0.0), ("optim.weight_decay", 0.0), ("optim.grad_clip", 0.0),
+    ("data.clip_stride", 1), ("data.batch_size", 1), ("data.num_workers", 0), ("data.max_corrupt_skips", 0),
+    ("train.steps", 1), ("train.checkpoint_every", 0), ("train.max_nonfinite_skips", 0), ("log.every", 0),
+    ("data.synthetic.num_videos", 2), ("data.synthetic.frames_per_video", 2), ("data.synthetic.image_size", 1),
+    ("data.synthetic.digit_scale", 1), ("data.synthetic.digits_per_video", 1), ("data.synthetic.speed", 0),
+    ("data.synthetic.codec_factor", 1),
+)
+# Values that must be strictly positive.
+_POSITIVE = ("model.mlp_ratio", "model.rope_theta", "optim.lr", "optim.eps", "diffusion.logit_std")
+# Values in the closed interval [0, 1].
+_UNIT = ("optim.ema_decay", "data.synthetic.action_change_prob")
+
+
+def _value(cfg: Config, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _validate_ranges(cfg: Config) -> None:
+    for key, low in _AT_LEAST:
+        value = _value(cfg, key)
+        _require(value >= low, f"{key}={value!r} must be >= {low}")
+    for key in _POSITIVE:
+        value = _value(cfg, key)
+        _require(value > 0, f"{key}={value!r} must be > 0")
+    for key in _UNIT:
+        value = _value(cfg, key)
+        _require(0.0 <= value <= 1.0, f"{key}={value!r} must be in [0, 1]")
+    o = cfg.optim
+    _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas={o.betas} entries must be in [0, 1)")
+    for key in ("optim.encoder_lr_ratio", "optim.decoder_lr_ratio"):
+        value = _value(cfg, key)
+        _require(value >= 0, f"{key}={value!r} must be >= 0 (0 freezes the module)")
+    if o.freeze_encoder_after is not None:
+        _require(o.freeze_encoder_after >= 0,
+                 f"optim.freeze_encoder_after={o.freeze_encoder_after} must be >= 0 or null")
+    if cfg.log.peak_tflops is not None:
+        _require(cfg.log.peak_tflops > 0, f"log.peak_tflops={cfg.log.peak_tflops} must be > 0 or null")
+    syn = cfg.data.synthetic
+    _require(0.0 <= syn.holdout_fraction < 1.0,
+             f"data.synthetic.holdout_fraction={syn.holdout_fraction} must be in [0, 1)")
+
+
+def _validate_architecture(cfg: Config) -> None:
+    """A model with no blocks where it needs them trains nothing useful; refuse it."""
+    m, d = cfg.model, cfg.diffusion
+    if m.arch == "scd":
+        _require(m.encoder_layers >= 1, f"model.encoder_layers={m.encoder_layers} must be >= 1: the SCD encoder "
+                                        "is what carries the history (for a model without one, use arch causal_dit)")
+        _require(m.decoder_layers >= 1, f"model.decoder_layers={m.decoder_layers} must be >= 1: the decoder "
+                                        "renders every frame")
+    else:
+        _require(m.layers >= 1, f"model.layers={m.layers} must be >= 1 for model.arch='causal_dit'")
+        _require(d.cfg_scale == 1.0 or d.cfg_mode == "action",
+                 f"diffusion.cfg_mode='decoder' with diffusion.cfg_scale={d.cfg_scale}: the dense baseline has no "
+                 "encoder context to perturb; set diffusion.cfg_mode=action (or cfg_scale=1.0)")
+
+
+def ignored_settings(cfg: Config) -> list[str]:
+    """Settings that differ from their defaults but have no effect on this run, as messages."""
+    notes = []
+    if cfg.model.arch == "causal_dit":
+        defaults = OptimConfig()
+        for key in ("encoder_lr_ratio", "decoder_lr_ratio", "freeze_encoder_after"):
+            value = getattr(cfg.optim, key)
+            if value != getattr(defaults, key):
+                notes.append(f"optim.{key}={value!r} has no effect on model.arch='causal_dit': the dense baseline "
+                             "has one parameter group ('model') trained at optim.lr")
+    return notes
+
+
 def validate(cfg: Config) -> None:
     """Cross-field rules, each with a message that says what to change."""
     m, d, o, t = cfg.model, cfg.diffusion, cfg.optim, cfg.train
+    _validate_ranges(cfg)
+    _validate_architecture(cfg)
     _require(m.width == m.num_heads * m.head_dim,
              f"model.width={m.width} must equal model.num_heads*model.head_dim "
              f"({m.num_heads}*{m.head_dim}={m.num_heads * m.head_dim})")
@@ -393,13 +598,42 @@ def validate(cfg: Config) -> None:
     _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _require(len(o.betas) == 2, f"optim.betas={o.betas} must have two entries")
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
+    _require(cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be >= 1 (clips per rank and "
+                                       "micro-batch)")
+    _require(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    _require(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
+    for name in ("run_dir_lock_wait_s", "stop_grace_s"):
+        _require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0")
+    for name in ("rendezvous_timeout_s", "collective_timeout_s"):
+        _require(getattr(t, name) > 0, f"train.{name}={getattr(t, name)} must be > 0 (seconds)")
     _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
     if cfg.data.source != "synthetic":
         _require(cfg.data.path is not None, f"data.source={cfg.data.source!r} needs data.path (the shard directory)")
+    _validate_storage(cfg)
     if cfg.data.source == "synthetic":
         _validate_synthetic(cfg)
+    _validate_window(m)
     _validate_fp8(cfg)
     _validate_distill(cfg)
+
+
+def _validate_storage(cfg: Config) -> None:
+    from scd_train.storage import parse_size
+    from scd_train.storage.location import check_url
+
+    d = cfg.data
+    for key in ("path", "holdout_path"):
+        if getattr(d, key) is not None:
+            try:
+                check_url(getattr(d, key))
+            except ValueError as exc:
+                raise ConfigError(f"data.{key}: {exc}") from None
+    try:
+        parse_size(d.cache_limit)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _require(d.remote_retries >= 1, f"data.remote_retries={d.remote_retries} must be >= 1")
+    _require(d.remote_retry_delay_s >= 0, f"data.remote_retry_delay_s={d.remote_retry_delay_s} must be >= 0")
 
 
 def _validate_synthetic(cfg: Config) -> None:
@@ -407,9 +641,34 @@ def _validate_synthetic(cfg: Config) -> None:
     _require(syn.image_size % syn.codec_factor == 0,
              f"data.synthetic.image_size={syn.image_size} is not divisible by "
              f"data.synthetic.codec_factor={syn.codec_factor}")
+    _require(8 * syn.digit_scale <= syn.image_size,
+             f"data.synthetic.digit_scale={syn.digit_scale} makes {8 * syn.digit_scale}px digits, larger than "
+             f"data.synthetic.image_size={syn.image_size}")
     _require(syn.frames_per_video >= cfg.data.clip_frames,
              f"data.synthetic.frames_per_video={syn.frames_per_video} is shorter than "
              f"data.clip_frames={cfg.data.clip_frames}")
+
+
+def _validate_window(m: ModelConfig) -> None:
+    w, s = m.encoder_window, m.encoder_sink_frames
+    _require(s >= 0, f"model.encoder_sink_frames={s} must be >= 0")
+    if w is None:
+        _require(s == 0, f"model.encoder_sink_frames={s} needs model.encoder_window (sink frames are kept "
+                         "beside a window; without one the encoder already sees the whole history)")
+        return
+    _require(w >= 1, f"model.encoder_window={w} must be >= 1 frame or null (the full history)")
+    _require(w <= m.max_frames, f"model.encoder_window={w} is larger than model.max_frames={m.max_frames}; "
+                                "use a window of at most max_frames frames, or null for the full history")
+    _require(s <= w, f"model.encoder_sink_frames={s} is larger than model.encoder_window={w}; "
+                     "sinks are a few leading frames kept beside the window")
+    _require(w + s <= m.max_frames,
+             f"model.encoder_window={w} + model.encoder_sink_frames={s} = {w + s} exceeds model.max_frames="
+             f"{m.max_frames}: the frame positions a windowed stream uses (0..{w + s - 1}) must lie inside "
+             "the positional range")
+    from scd_train.models.attention import window_backend_problem
+
+    problem = window_backend_problem(m.attention, w, s)
+    _require(problem is None, problem or "")
 
 
 _FP8_RECIPES = {"te": ("delayed", "current", "mxfp8"), "torchao": ("current", "rowwise")}

@@ -26,6 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from scd_train.cli import command
 from scd_train.config import Config, ConfigError, config_from_text, dump_yaml, to_dict
 from scd_train.models.causal_dit import CausalDiT
 from scd_train.models.scd import SCDModel
@@ -160,8 +161,12 @@ def importance_report(model: CausalDiT, cfg: Config, clips: int, device: str) ->
 
 def run(args: argparse.Namespace) -> int:
     from scd_train.eval.report import write_json
+    from scd_train.parallel.runtime import check_device_option
     from scd_train.weights import load_model
 
+    if args.importance_clips < 0:
+        raise ConfigError(f"--importance-clips {args.importance_clips} must be >= 0")
+    check_device_option(args.device)
     dense, cfg = load_model(args.source, args.checkpoint, use_ema=not args.raw, device=args.device)
     if cfg.model.arch != "causal_dit":
         raise ConfigError(f"{args.source} holds a model.arch={cfg.model.arch!r} model; scd-convert reads a dense "
@@ -190,13 +195,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("scd-convert")
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, NotImplementedError) as exc:
-        print(f"scd-convert: {exc}", file=sys.stderr)
-        return 2
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from scd_train.cli import command
 from scd_train.config import Config, load_config
 from scd_train.eval.next_frame import next_frame_score
 from scd_train.eval.speed import SpeedSettings, compare_speed, paired_configs
@@ -136,6 +137,7 @@ def run_demo(cfg: Config, eval_clips: int, context: int) -> dict:
     return summary
 
 
+@command("scd-demo")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scd-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", choices=sorted(DEFAULT_CONFIGS), default="shards",

@@ -41,15 +41,18 @@ import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
+from scd_train.cli import command  # noqa: E402
 from scd_train.config import Config, ConfigError, config_from_text, from_dict, load_config, to_dict, validate  # noqa: E402
-from scd_train.errors import InputError, ScdError  # noqa: E402
+from scd_train.errors import InputError  # noqa: E402
+from scd_train.resume_policy import DISTILL_IDENTITY  # noqa: E402
 
 PROG = "scd-distill"
-# Student model fields that may differ from the teacher's: they change no parameter.
-FREE_MODEL_FIELDS = {"attention", "max_frames"}
-# What makes a distillation run what it is; a run directory holding another one is never resumed.
-IDENTITY_FIELDS = [("distill", f.name) for f in dataclasses.fields(Config().distill)] + [
-    ("diffusion", "sample_steps"), ("diffusion", "sample_schedule")]
+# Student model fields that may differ from the teacher's: they change no parameter (the attention
+# window is a mask over the same weights, so a full-history teacher can give a windowed student).
+FREE_MODEL_FIELDS = {"attention", "max_frames", "encoder_window", "encoder_sink_frames"}
+# What makes a distillation run what it is (the resume policy's list); a run directory holding
+# another one is never resumed.
+IDENTITY_FIELDS = [tuple(key.split(".")) for key in sorted(DISTILL_IDENTITY)]
 # Settings scd-distill owns: a dotted override of one of these is refused with the flag to use.
 OWNED = {"diffusion.sample_steps": "--steps", "diffusion.cfg_scale": "distill.teacher_cfg_scale (the student "
          "samples unguided: the guidance is distilled into it)", "train.run_dir": "--out",
@@ -243,7 +246,12 @@ class DistillStage:
     def __init__(self, teacher: Teacher) -> None:
         self.teacher = teacher
 
-    def build_model(self, cfg: Config) -> nn.Module:
+    def check(self, cfg: Config) -> None:  # noqa: ARG002 - plan() has checked the student's config
+        return None
+
+    def build_model(self, cfg: Config, resuming: bool) -> nn.Module:  # noqa: ARG002
+        """The pair with the teacher's EMA weights in both halves; a resume then loads the student's
+        (and the frozen teacher's) weights from its checkpoint."""
         from scd_train.diffusion.distill import DistillationPair, SCDTeacher, build_method
         from scd_train.models import build_model
 
@@ -338,32 +346,33 @@ def plan(args: argparse.Namespace) -> tuple[Config, Teacher]:
     return cfg, teacher
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from scd_train.data.manifest import ManifestError
+    from scd_train.parallel.launch_env import read_launch_env
     from scd_train.parallel.runtime import init_runtime
+    from scd_train.train import _exit_without_finalization, _run_dir_kept_on_failed_start, preflight
     from scd_train.trainer import Trainer
 
-    try:
-        cfg, teacher = plan(args)
-        runtime = init_runtime(cfg.train.device)
-        runtime.barrier()  # every rank has read the run directory before rank 0 writes into it
+    # Bad input is an InputError the command wrapper prints once, as for scd-train.
+    cfg, teacher = plan(args)
+    preflight(cfg)
+    read_launch_env(os.environ)  # a broken launch fails in a second, before the heavy imports
+    t = cfg.train
+    runtime = init_runtime(t.device, t.collective_timeout_s / 60, t.rendezvous_timeout_s)
+    runtime.barrier()  # every rank has read the run directory before rank 0 writes into it
+    with _run_dir_kept_on_failed_start(Path(t.run_dir)):
         trainer = Trainer(cfg, runtime, stage=DistillStage(teacher))
-    except (ScdError, ConfigError, ManifestError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
-    if runtime.is_main:
-        write_teacher_record(trainer.run_dir, teacher, cfg)
+        if runtime.is_main:
+            write_teacher_record(trainer.run_dir, teacher, cfg)
     result = trainer.run()
     trainer.runtime.shutdown()
     if runtime.is_main:
         print(f"{result.status} at step {result.step}; {cfg.diffusion.sample_steps}-step student in {result.run_dir} "
               f"(teacher {teacher.source}, {cfg.distill.teacher_steps} steps)")
     if runtime.world_size > 1:
-        from scd_train.train import _exit_without_finalization
-
         _exit_without_finalization(0)
     return 0
 

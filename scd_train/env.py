@@ -9,7 +9,8 @@ import socket
 import torch
 
 LIBRARIES = ("torch", "torchvision", "numpy", "deepspeed", "transformer-engine", "torchao", "webdataset",
-             "mosaicml-streaming", "diffusers", "wandb", "submitit", "av", "omegaconf", "einops", "scd-train")
+             "mosaicml-streaming", "diffusers", "wandb", "submitit", "av", "omegaconf", "einops", "s3fs", "boto3",
+             "scd-train")
 
 
 def library_versions() -> dict[str, str | None]:

@@ -1,8 +1,11 @@
 """Named optimizer groups (encoder / decoder, with no-decay variants) and the LR schedule.
 
-The learning rate is a pure function of the step, written into every group before each step, so
-a resume cannot re-warm or collapse groups; ``check_learning_rates`` proves it after start-up and
-after every resume.
+The learning rate is a pure function of the step and of the config, written into every group
+before each step, so a resume cannot re-warm or collapse groups. A checkpoint's optimizer state
+brings back its own group settings (``base_lr``, weight decay, betas): ``apply_group_settings``
+replaces them with the config's, so a resume with another ``optim.lr`` or ratio trains at the new
+rates, and ``check_learning_rates`` compares every group with the config, never with what the
+checkpoint restored.
 """
 
 from __future__ import annotations
@@ -30,8 +33,17 @@ def decays(name: str, param: nn.Parameter) -> bool:
     return param.dim() >= 2 and "embed.table" not in name
 
 
-def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+def configured_base_lr(module: str, cfg: OptimConfig) -> float:
+    """optim.lr x the module's ratio: the rate after warmup of an 'encoder', 'decoder' or 'model' group."""
     ratios = {"encoder": cfg.encoder_lr_ratio, "decoder": cfg.decoder_lr_ratio, "model": 1.0}
+    return cfg.lr * ratios[module]
+
+
+def configured_weight_decay(group_name: str, cfg: OptimConfig) -> float:
+    return 0.0 if group_name.endswith("_no_decay") else cfg.weight_decay
+
+
+def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -40,7 +52,7 @@ def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         split = cfg.weight_decay > 0 and not decays(name, param)
         key = f"{base}_no_decay" if split else base
         if key not in groups:
-            groups[key] = {"name": key, "params": [], "base_lr": cfg.lr * ratios[base],
+            groups[key] = {"name": key, "params": [], "base_lr": configured_base_lr(base, cfg),
                            "weight_decay": 0.0 if split else cfg.weight_decay, "module": base}
         groups[key]["params"].append(param)
     if not groups:
@@ -58,9 +70,26 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 
 
 def expected_lr(group: dict, step: int, cfg: OptimConfig) -> float:
+    """The group's rate at ``step`` as the config defines it (never from the group's own ``base_lr``)."""
     if cfg.freeze_encoder_after is not None and group["module"] == "encoder" and step >= cfg.freeze_encoder_after:
         return 0.0
-    return group["base_lr"] * warmup_factor(step, cfg.warmup_steps)
+    return configured_base_lr(group["module"], cfg) * warmup_factor(step, cfg.warmup_steps)
+
+
+def apply_group_settings(optimizer, cfg: OptimConfig) -> dict[str, tuple[float, float]]:
+    """Write the config's base rate, weight decay, betas and eps into every group (after a checkpoint
+    restored its own); returns {group: (previous base_lr, new base_lr)} for groups whose rate changed."""
+    changed = {}
+    for group in optimizer.param_groups:
+        base = configured_base_lr(group["module"], cfg)
+        previous = group.get("base_lr", base)
+        if not math.isclose(previous, base, rel_tol=1e-12, abs_tol=0.0):
+            changed[group["name"]] = (previous, base)
+        group["base_lr"] = base
+        group["weight_decay"] = configured_weight_decay(group["name"], cfg)
+        group["betas"] = tuple(cfg.betas)
+        group["eps"] = cfg.eps
+    return changed
 
 
 def set_learning_rates(optimizer, step: int, cfg: OptimConfig) -> dict[str, float]:
@@ -77,7 +106,16 @@ def check_learning_rates(optimizer, step: int, cfg: OptimConfig) -> None:
     for group in optimizer.param_groups:
         if "name" not in group:
             raise ValueError("an optimizer group lost its name (a wrapper rebuilt the groups)")
+        name = group["name"]
         want = expected_lr(group, step, cfg)
         if not math.isclose(group["lr"], want, rel_tol=1e-9, abs_tol=1e-15):
-            raise ValueError(f"optimizer group '{group['name']}' has lr={group['lr']:.3e} at step {step}, "
+            raise ValueError(f"optimizer group '{name}' has lr={group['lr']:.3e} at step {step}, "
                              f"expected {want:.3e} (optim.lr x ratio x warmup)")
+        base = configured_base_lr(group["module"], cfg)
+        if "base_lr" in group and not math.isclose(group["base_lr"], base, rel_tol=1e-9, abs_tol=1e-15):
+            raise ValueError(f"optimizer group '{name}' has base_lr={group['base_lr']:.3e}, the config gives "
+                             f"{base:.3e} (optim.lr x ratio)")
+        decay = configured_weight_decay(name, cfg)
+        if not math.isclose(group.get("weight_decay", decay), decay, rel_tol=1e-9, abs_tol=1e-15):
+            raise ValueError(f"optimizer group '{name}' has weight_decay={group['weight_decay']}, the config "
+                             f"gives {decay} (optim.weight_decay)")

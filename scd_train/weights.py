@@ -16,18 +16,30 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
-from scd_train.checkpoint import CheckpointManager
-from scd_train.config import Config, ConfigError, config_from_text, load_config
+from scd_train.checkpoint import CheckpointManager, DamagedCheckpointError, verify_checkpoint
+from scd_train.cli import command
+from scd_train.config import Config, config_from_text, load_config
+from scd_train.errors import InputError, MissingInput
 from scd_train.models import build_model
+
+
+class WeightsError(InputError):
+    """Weights that cannot be read, or that do not fit the model their config describes."""
 
 
 def resolve_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
     """An explicit checkpoint directory, or the newest complete one of ``run_dir``."""
     if checkpoint:
         path = Path(checkpoint)
+        if not path.is_dir():
+            raise MissingInput(f"--checkpoint {path} does not exist")
         if not (path / "COMPLETE").is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+            raise MissingInput(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+        problems = verify_checkpoint(path)
+        if problems:
+            raise DamagedCheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems[:5])}")
         return path
 
     class _Local:
@@ -37,14 +49,22 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
 
     found = CheckpointManager(run_dir / "checkpoints", keep=1, runtime=_Local()).find_resumable()
     if found is None:
-        raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+        raise MissingInput(f"no complete checkpoint under {run_dir / 'checkpoints'}")
     return found
 
 
 def read_checkpoint_weights(checkpoint: Path, model: nn.Module, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """Full fp32 weights named like ``model.state_dict()``."""
     reader = _read_deepspeed if (checkpoint / "state" / "deepspeed").is_dir() else _read_dcp
-    return reader(checkpoint, model, use_ema)
+    try:
+        return reader(checkpoint, model, use_ema)
+    except InputError:
+        raise
+    # DCP reports damaged or mismatched files as CheckpointException, a BaseException
+    except (Exception, CheckpointException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise WeightsError(f"checkpoint {checkpoint} cannot be read into this model ({type(exc).__name__}: "
+                           f"{first[:300]}); it is damaged or was written for another model config") from exc
 
 
 def stored_ema_names(checkpoint: Path) -> set[str]:
@@ -88,41 +108,67 @@ def load_model(source: str | Path, checkpoint: str | None = None, use_ema: bool 
     if source.suffix == ".safetensors":
         cfg = _config_from_safetensors(source)
         model = build_model(cfg.model)
-        weights = load_file(str(source))
+        weights = read_safetensors(source)
     else:
+        if not source.is_dir():
+            raise MissingInput(f"{source} is neither a run directory nor an exported .safetensors file")
+        if not (source / "config.yaml").is_file():
+            raise MissingInput(f"{source} is not a run directory of scd-train: config.yaml is missing")
         cfg = load_config(source / "config.yaml")
         model = build_model(cfg.model)
         weights = read_checkpoint_weights(resolve_checkpoint(source, checkpoint), model, use_ema)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [m for m in missing if m in dict(model.named_parameters())]:
-        raise KeyError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _load_into(model, weights, str(source))
     return model.to(device).eval(), cfg
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise MissingInput(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors' SafetensorError on a damaged header
+        raise WeightsError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def _load_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """All of the model's parameters from ``weights``, or an error naming what differs."""
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        detail = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise WeightsError(f"{source}: weights do not fit the model: {'; '.join(detail[:3]) or exc}") from None
+    missing = [m for m in missing if m in dict(model.named_parameters())]
+    if missing or unexpected:
+        raise WeightsError(f"{source}: weights do not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
 
 
 def load_initial_weights(model: nn.Module, path: str | Path) -> None:
     """Fill every parameter of ``model`` from a safetensors file (``train.init_from``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"train.init_from={str(path)!r} does not exist")
-    weights = load_file(str(path))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [m for m in missing if m in dict(model.named_parameters())]
-    if missing or unexpected:
-        raise KeyError(f"train.init_from={str(path)!r} does not match the model: missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}")
+        raise MissingInput(f"train.init_from={str(path)!r} does not exist")
+    _load_into(model, read_safetensors(path), f"train.init_from={str(path)!r}")
 
 
 def _config_from_safetensors(path: Path) -> Config:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not path.is_file():
+        raise MissingInput(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors' SafetensorError on a damaged header
+        raise WeightsError(f"{path} is not a readable safetensors file ({exc})") from None
     if "config" not in meta:
-        raise KeyError(f"{path} carries no 'config' metadata; export it with scd-export")
-    return config_from_text(meta["config"])
+        raise WeightsError(f"{path} carries no 'config' metadata; export it with scd-export")
+    return config_from_text(meta["config"], source=f"{path} (config metadata)")
 
 
 def export(run_dir: Path, out: Path, checkpoint: str | None = None, use_ema: bool = True) -> Path:
+    if not run_dir.is_dir():
+        raise MissingInput(f"run directory {run_dir} does not exist")
     cfg = load_config(run_dir / "config.yaml")
     model = build_model(cfg.model)
     ckpt = resolve_checkpoint(run_dir, checkpoint)
@@ -137,6 +183,7 @@ def export(run_dir: Path, out: Path, checkpoint: str | None = None, use_ema: boo
     return out
 
 
+@command("scd-export")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scd-export", description="Write a checkpoint's EMA weights as one "
                                      "safetensors file for inference.")
@@ -146,11 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     args = parser.parse_args(argv)
     out = args.out or args.run_dir / "export" / ("model.safetensors" if args.raw else "ema.safetensors")
-    try:
-        path = export(args.run_dir, out, args.checkpoint, use_ema=not args.raw)
-    except (FileNotFoundError, KeyError, ConfigError) as exc:
-        print(f"scd-export: {exc}", file=sys.stderr)
-        return 2
+    path = export(args.run_dir, out, args.checkpoint, use_ema=not args.raw)
     print(f"wrote {path}")
     return 0
 

@@ -20,8 +20,10 @@ LENGTHS = (10, 16, 30, 8, 12, 20, 9, 26, 14, 11)
 
 def save_random_vae(folder: Path, latent_channels: int = 4) -> Path:
     import torch
-    from diffusers import AutoencoderKL
 
+    from scd_train.data.vae import diffusers_class
+
+    AutoencoderKL = diffusers_class("AutoencoderKL")  # noqa: N806
     torch.manual_seed(0)
     AutoencoderKL(**tiny_vae_config(latent_channels, 8, 8, FRAME_SIZE)).save_pretrained(str(folder))
     return folder

@@ -143,6 +143,7 @@ def test_the_dense_baseline_distils_the_same_way(tmp_path):
 
 
 def refused(capsys, *argv) -> str:
+    capsys.readouterr()  # what came before (an in-process teacher's training log) is not this command's
     assert distill.main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("scd-distill: ") and err.count("\n") == 1, err
@@ -203,6 +204,10 @@ def test_a_checkpoint_without_ema_is_refused(tmp_path, capsys):
     ckpt.mkdir(parents=True)
     dump_yaml(cfg, run / "config.yaml")
     dcp.save({"model": build_model(cfg.model).state_dict()}, checkpoint_id=str(ckpt / "state"))
-    (ckpt / "COMPLETE").write_text("{}")
+    from scd_train.checkpoint_integrity import digest_files, list_files
+
+    # an intact checkpoint (with its file manifest), so the only thing wrong is the missing EMA
+    (ckpt / "COMPLETE").write_text(json.dumps({"step": 1, "world_size": 1,
+                                               "files": digest_files(ckpt, list_files(ckpt))}))
     err = refused(capsys, run, "--steps", "2")
     assert str(ckpt) in err and "no EMA" in err

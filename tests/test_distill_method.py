@@ -167,7 +167,13 @@ def test_uniform_schedule_reaches_every_sampler_consumer():
     assert sampler_settings(cfg, build_protocol("tiny", {})).schedule == "uniform"
     model = random_model(dataclasses.replace(cfg)).eval()
     seen = []
-    model.decoder.register_forward_hook(lambda mod, inp, out: seen.append(float(inp[1][0])))
+    conditioning = model.decoder.step_conditioning
+
+    def recorded(timesteps, actions):  # the sampler conditions all of a frame's steps at once: (T, B)
+        seen.extend(float(t) for t in timesteps[:, 0])
+        return conditioning(timesteps, actions)
+
+    model.decoder.step_conditioning = recorded
     stream = new_stream(model, settings, 1, 4)
     stream.prefill(clip(cfg, 1, 2)[0])
     stream.next_frame(torch.tensor([1]))
@@ -195,3 +201,40 @@ def test_decoder_guidance_reaches_the_targets():
         cfg = distill_cfg("scd", 4, 4, f"distill.teacher_cfg_scale={scale}", "distill.teacher_cfg_mode=decoder")
         loss = float(DistillObjective()(make_pair(cfg, random_model(cfg)), latents, actions).loss.detach())
         assert (loss < 1e-10) == zero, (scale, loss)
+
+
+def test_resume_refuses_a_change_to_what_the_student_learns_and_applies_the_rest():
+    """A distillation run's checkpoint continues only towards the same targets on the same grid;
+    an ordinary run may still change its sampling defaults on resume."""
+    from scd_train.config import Config, to_dict
+    from scd_train.resume_policy import DISTILL_IDENTITY, compare_configs
+
+    saved = Config()
+    saved.distill.teacher, saved.distill.teacher_steps = "runs/teacher", 8
+    saved.diffusion.sample_steps, saved.diffusion.sample_schedule = 2, "uniform"
+    changed = {"distill.teacher": "runs/other", "distill.teacher_steps": 16, "diffusion.sample_steps": 4,
+               "diffusion.sample_schedule": "release", "distill.train_encoder": True,
+               "distill.self_rollout": True, "distill.teacher_cfg_scale": 2.0}
+    assert set(changed) <= set(DISTILL_IDENTITY)
+    for key, value in changed.items():
+        now = to_dict(saved)
+        section, name = key.split(".")
+        now[section][name] = value
+        refused, applied = compare_configs(to_dict(saved), now)
+        assert [c.key for c in refused] == [key] and not applied, key
+        assert "distillation run" in refused[0].line()
+    now = to_dict(saved)
+    now["distill"]["rollout_context_frames"] = 3
+    refused, applied = compare_configs(to_dict(saved), now)
+    assert not refused and [c.key for c in applied] == ["distill.rollout_context_frames"]
+    # an ordinary run: the sampling defaults are not what it trains
+    plain = to_dict(Config())
+    other = to_dict(Config())
+    other["diffusion"]["sample_steps"] = 4
+    refused, applied = compare_configs(plain, other)
+    assert not refused and [c.key for c in applied] == ["diffusion.sample_steps"]
+    # an ordinary checkpoint never turns into a distillation
+    other = to_dict(Config())
+    other["distill"]["teacher"] = "runs/teacher"
+    refused, _ = compare_configs(plain, other)
+    assert [c.key for c in refused] == ["distill.teacher"]

@@ -2,9 +2,10 @@
 
 Per backend: a 20-step run matches the single-process run; a run SIGKILLed during a save resumes
 from the previous complete checkpoint and ends exactly where an uninterrupted run ends, with the
-right per-group learning rates; resuming on one rank reshards (fsdp2) or stops naming both world
-sizes (deepspeed). The uninterrupted deepspeed run uses the ``deepspeed`` launcher command of the
-README. A stop signal sent to one rank makes every rank save and exit cleanly.
+right per-group learning rates; a damaged rank-1 file makes both ranks fall back to the older
+checkpoint, and a changed optim.lr applies from there; resuming on one rank reshards (fsdp2) or
+stops naming both world sizes (deepspeed). The uninterrupted deepspeed run uses the ``deepspeed``
+launcher command of the README. A stop signal sent to one rank makes every rank save and exit cleanly.
 """
 
 from __future__ import annotations
@@ -176,6 +177,17 @@ def kill_rank_during_save(launcher: Launcher, cmd: list[str], run_dir: Path, log
     return step_of(partial[0])
 
 
+# A file of the checkpoint that only rank 1 writes, per backend.
+RANK1_FILE = {"fsdp2": "state/__1_0.distcp",
+              "deepspeed": "state/deepspeed/zero3/zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def worker_with_rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
@@ -222,6 +234,21 @@ def test_kill_during_save_then_resume_matches_uninterrupted(backend, launcher, t
     assert_logged_lrs(ours, after)
     assert max_weight_diff(weights(killed), weights(straight)) < 1e-6
     assert max_weight_diff(weights(killed, ema=False), weights(straight, ema=False)) < 1e-6
+
+    # Flipped bytes in a file only rank 1 wrote, and new learning rates: both ranks skip the damaged
+    # checkpoint together, resume from the older intact one and train at the config's rates.
+    newest, older = manager.complete_checkpoints()[-1], manager.complete_checkpoints()[-2]
+    flip_a_byte(newest / RANK1_FILE[backend])
+    again = launcher.run(launcher.torchrun(2, [*common, f"train.run_dir={killed}", f"train.steps={RESUME_STEPS + 2}",
+                                               "optim.lr=2e-3"]))
+    assert f"checkpoint {newest} is damaged and is skipped: {RANK1_FILE[backend]} has the right size" in again.stderr
+    assert f"resumed from {older} at step {step_of(older)}" in again.stderr
+    assert "optim.lr: 0.001 (checkpoint) -> 0.002 (now)" in again.stderr
+    recs = records(killed)
+    for step in range(step_of(older) + 1, RESUME_STEPS + 3):
+        factor = warmup_factor(step - 1, 5)
+        assert math.isclose(recs[step]["lr/encoder"], 2e-3 * factor, rel_tol=1e-9), step
+        assert math.isclose(recs[step]["lr/decoder"], 4e-3 * factor, rel_tol=1e-9), step
 
     one_rank = launcher.run(launcher.torchrun(1, [*common, f"train.run_dir={straight}",
                                                   f"train.steps={RESUME_STEPS + 2}"]), check=False)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scd_train.config import ConfigError
+from scd_train.errors import InputError
 from scd_train.eval.evaluate import ModelTally, official_round_trip
 from scd_train.eval.feature_metrics import LPIPS, VideoFeatures, frechet_distance
 from scd_train.eval.metrics import (
@@ -174,7 +175,7 @@ def test_lpips_from_a_local_backbone_file(tmp_path):
     official = LPIPS(path, official_range=True)(a, b)
     assert not torch.allclose(official, dist)  # [0, 1] inputs without rescaling give other values
     torch.save({"classifier.1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
-    with pytest.raises(KeyError, match="wrong.pth lacks LPIPS backbone entries"):
+    with pytest.raises(InputError, match="wrong.pth lacks LPIPS backbone entries"):
         LPIPS(tmp_path / "wrong.pth")
 
 

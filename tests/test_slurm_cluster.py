@@ -291,3 +291,18 @@ def test_interrupted_job_saves_requeues_and_resumes(slurm, repo_root, subprocess
     assert latest_checkpoint_step(run_dir) == steps
     for rank in range(tasks):
         assert f"rank {rank}/{tasks}" in logs[rank]
+
+
+def test_srun_of_several_tasks_without_the_launcher_is_refused(slurm, repo_root, subprocess_env, tmp_path):
+    """A plain `srun --ntasks 2 python -m scd_train.train` would start two runs that each think they are
+    rank 0 of 1, writing into one directory: both tasks refuse, naming the SLURM variables."""
+    config = tmp_path / "micro.yaml"
+    config.write_text(MICRO_CONFIG)
+    env = {**slurm.env, "PYTHONPATH": subprocess_env["PYTHONPATH"], "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["srun", "--ntasks", "2", "--partition", "debug", sys.executable, "-m", "scd_train.train",
+                           "--config", str(config), f"train.run_dir={tmp_path / 'run'}"],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("SLURM started this step with 2 tasks (SLURM_STEP_NUM_TASKS=2") == 2, done.stderr
+    assert "SLURM_PROCID=0" in done.stderr and "SLURM_PROCID=1" in done.stderr
+    assert not (tmp_path / "run").exists()

@@ -253,7 +253,9 @@ def test_preemption_signal_saves_requeues_via_submitit_and_resumes(tmp_path, mon
                        "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0", "SUBMITIT_FOLDER": str(folder),
                        "OMP_NUM_THREADS": "1", **dist_env.single_process().variables()}.items():
         monkeypatch.setenv(var, value)  # restored afterwards, including what the job exports
-    cfg = load_config(None, MICRO_OVERRIDES + [f"train.steps={total}", f"train.run_dir={run_dir}"])
+    # a fresh start (train.resume=false): its requeue must resume, not refuse or archive its own run
+    cfg = load_config(None, MICRO_OVERRIDES + [f"train.steps={total}", f"train.run_dir={run_dir}",
+                                               "train.resume=false"])
     paths = JobPaths(folder, job_id="4242", task_id=0)
     paths.folder.mkdir(parents=True)
     delayed = DelayedSubmission(TrainingJob(cfg))
@@ -273,6 +275,7 @@ def test_preemption_signal_saves_requeues_via_submitit_and_resumes(tmp_path, mon
         stopped_at = len(metric_steps(run_dir))
         assert 10 <= stopped_at < total
         resubmission = DelayedSubmission.load(paths.submitted_pickle)
+        assert resubmission.function.cfg.train.resume is True
         summary = resubmission.result()
         assert summary["status"] == "finished" and summary["step"] == total
         assert metric_steps(run_dir) == list(range(1, total + 1))  # no gap, no repeat

@@ -21,6 +21,7 @@ Stopping and requeueing is split between the trainer and submitit:
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import os
 import re
@@ -32,8 +33,9 @@ from pathlib import Path
 import submitit
 from submitit.core.job_environment import SignalHandler
 
-from scd_train.cluster import dist_env
+from scd_train.cluster import dist_env, storage_env
 from scd_train.config import Config
+from scd_train.errors import InputError
 
 log = logging.getLogger("scd_train.cluster")
 
@@ -44,7 +46,7 @@ def preemption_signal() -> signal.Signals:
     try:
         return signal.Signals[name]
     except KeyError:
-        raise ValueError(f"SUBMITIT_PREEMPT_SIGNAL names an unknown signal {name!r}") from None
+        raise InputError(f"SUBMITIT_PREEMPT_SIGNAL names an unknown signal {name!r}") from None
 
 
 def submitit_requeue_handler(sig: int) -> SignalHandler | None:
@@ -57,9 +59,11 @@ def submitit_requeue_handler(sig: int) -> SignalHandler | None:
 class TrainingJob(submitit.helpers.Checkpointable):
     """One training run; pickled once at submission and again at every requeue."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, storage_env: dict | None = None) -> None:
         self.cfg = cfg
         self.finished = False
+        # object-storage settings of the submitting shell (no secrets), see cluster/storage_env.py
+        self.storage_env = storage_env or {}
 
     @property
     def run_dir(self) -> Path:
@@ -68,6 +72,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         env = dist_env.derive(os.environ)
         env.export()
+        storage_env.apply(self.storage_env)
         _log_placement(env)
         from scd_train.trainer import Trainer  # heavy; keeps unpickling the job cheap
 
@@ -98,11 +103,14 @@ class TrainingJob(submitit.helpers.Checkpointable):
         handler.checkpoint_and_try_requeue(sig)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission | None:
-        """Resubmission for a requeue: the same run; the trainer resumes from its latest checkpoint."""
+        """Resubmission for a requeue: the same run, always resumed (a requeue of a run started with
+        train.resume=false must continue it, never archive or overwrite what it saved)."""
         if self.finished:
             log.info("training finished; not requeueing")
             return None
-        return submitit.helpers.DelayedSubmission(TrainingJob(self.cfg), *args, **kwargs)
+        cfg = copy.deepcopy(self.cfg)
+        cfg.train.resume = True
+        return submitit.helpers.DelayedSubmission(TrainingJob(cfg, self.storage_env), *args, **kwargs)
 
 
 def job_continues_after_stop() -> bool:

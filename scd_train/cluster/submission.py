@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -13,14 +14,15 @@ from pathlib import Path
 
 import yaml
 
-from scd_train.cluster import dist_env
+from scd_train.cluster import dist_env, storage_env
 from scd_train.config import Config, ConfigError, load_config
+from scd_train.errors import InputError
 
 CLUSTERS = ("slurm", "local", "debug")
 EXAMPLE_JOB_ID = 12345
 
 
-class LaunchError(ValueError):
+class LaunchError(InputError):
     """A launch request that cannot be submitted as given."""
 
 
@@ -162,8 +164,19 @@ def plan_runs(config: str | None, overrides: list[str], backend: str | None, run
         if world_size > 1 and cfg.train.backend == "single":
             raise LaunchError(f"{world_size} tasks need a distributed backend but train.backend='single'; "
                               "pass --backend ddp, fsdp2 or deepspeed")
+        if storage_env.uses_object_storage(cfg):
+            _check_storage_credentials(cfg)
         runs.append(PlannedRun(index, base + extra, cfg))
     return runs
+
+
+def _check_storage_credentials(cfg: Config) -> None:
+    """No credentials for a bucket fail here, on the login node, not in every task after queueing
+    (``NoCredentials`` is an input error: the command prints it like any other)."""
+    from scd_train.storage import is_remote
+    from scd_train.storage.location import check_credentials
+
+    check_credentials(next(p for p in (cfg.data.path, cfg.data.holdout_path) if is_remote(p)))
 
 
 def submitit_folder(runs: list[PlannedRun], sweep: bool) -> Path:
@@ -219,6 +232,8 @@ def describe(resources: Resources, runs: list[PlannedRun], cluster: str, sweep: 
         "sbatch": sbatch_script(resources, folder, len(runs) if sweep else None),
         "example_allocation": {"job_id": EXAMPLE_JOB_ID, "nodelist": nodelist},
         "rank_environment": ranks,
+        "object_storage": storage_env.capture(os.environ) if any(
+            storage_env.uses_object_storage(r.cfg) for r in runs) else None,
     }
 
 
@@ -233,6 +248,9 @@ def render_dry_run(info: dict) -> str:
         prefix = f"  [{i}] " if len(info["runs"]) > 1 else "  "
         lines.append(f"{prefix}run directory {run['run_dir']}")
         lines.append(f"{' ' * len(prefix)}overrides: {' '.join(run['overrides']) or '(none)'}")
+    if info.get("object_storage") is not None:
+        lines += ["", "object storage (s3:// data): passed to every task: "
+                  + storage_env.describe(info["object_storage"])]
     lines += ["", "sbatch script:", info["sbatch"].rstrip(), ""]
     example = info["example_allocation"]
     lines.append(f"per-rank environment (example allocation: job {example['job_id']} on {example['nodelist']}; "
@@ -280,10 +298,11 @@ def submit(executor, runs: list[PlannedRun], sweep: bool) -> list:
     """Submit one job, or one job array for a sweep; returns submitit's job handles."""
     from scd_train.cluster.job import TrainingJob
 
+    storage = storage_env.capture(os.environ)  # the same for every run of a sweep
     if not sweep:
-        return [executor.submit(TrainingJob(runs[0].cfg))]
+        return [executor.submit(TrainingJob(runs[0].cfg, storage))]
     with executor.batch():
-        jobs = [executor.submit(TrainingJob(run.cfg)) for run in runs]
+        jobs = [executor.submit(TrainingJob(run.cfg, storage)) for run in runs]
     return jobs
 
 

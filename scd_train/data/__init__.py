@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scd_train.config import Config, ModelConfig
+from scd_train.config import Config, ConfigError, ModelConfig
 from scd_train.data.batch import Batch, ResumableLoader
 from scd_train.data.memory import ClipSet, ShuffledLoader, synthetic_clips
 
@@ -13,7 +13,7 @@ def check_latent_shape(shape: tuple[int, int, int], model: ModelConfig, source: 
     """Stop with both values named when the data's latent frames do not fit the model."""
     expected = (model.latent_channels, model.latent_height, model.latent_width)
     if tuple(shape) != expected:
-        raise ValueError(
+        raise ConfigError(
             f"{source} yields latent frames of shape (C, H, W)={tuple(shape)} but the model expects "
             f"(model.latent_channels, model.latent_height, model.latent_width)={expected}")
 

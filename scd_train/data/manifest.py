@@ -17,13 +17,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scd_train.errors import InputError
+from scd_train.storage import Location, RetryPolicy, is_remote, open_location
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 FORMATS = ("webdataset", "mds")
 LATENT_DTYPES = ("float16", "float32")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """The manifest is missing, malformed, or disagrees with the config."""
 
 
@@ -75,7 +78,7 @@ class Normalization:
 
 @dataclass(frozen=True)
 class Manifest:
-    root: Path
+    root: Location  # the shard directory: a local path or an s3:// prefix
     raw: dict
     frames: int
     channels: int
@@ -118,13 +121,15 @@ def _get(obj: dict, key: str, kind: type | tuple, where: str):
     return value
 
 
-def load_manifest(root: str | Path, source: str = "data.path") -> Manifest:
+def load_manifest(root: str | Path | Location, source: str = "data.path", retry: RetryPolicy | None = None) -> Manifest:
     """Read and check ``root/manifest.json``; ``source`` names the setting ``root`` came from, for errors."""
-    root = Path(root)
+    try:
+        root = open_location(root, retry)
+    except ValueError as exc:
+        raise ManifestError(f"{source}: {exc}") from None
     path = root / MANIFEST
     if not path.is_file():
-        raise ManifestError(f"{path} does not exist: {source}={str(root)!r} must be a directory "
-                            "written by `scd-data encode`")
+        raise ManifestError(_no_manifest(root, path, source))
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -155,6 +160,16 @@ def load_manifest(root: str | Path, source: str = "data.path") -> Manifest:
     return Manifest(root=root, raw=raw, frames=shape[0], channels=shape[1], height=shape[2], width=shape[3],
                     dtype=dtype, normalization=norm, has_actions=bool(actions.get("present")),
                     num_action_classes=int(actions.get("num_classes", 0)), shards=shards)
+
+
+def _no_manifest(root: Location, path: Location, source: str) -> str:
+    if not is_remote(root.url):
+        return f"{path} does not exist: {source}={root.url!r} must be a directory written by `scd-data encode`"
+    found = root.file_sizes()
+    what = (f"the prefix holds {len(found)} object(s) but no manifest.json (an encode that has not finished?)"
+            if found else "nothing is stored under that prefix")
+    return (f"{path} does not exist: {source}={root.url!r} must be a prefix written by "
+            f"`scd-data encode --out {root.url}`; {what}")
 
 
 def latent_crc(latents: np.ndarray) -> str:

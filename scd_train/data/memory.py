@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scd_train.config import DataConfig
+from scd_train.config import ConfigError, DataConfig
 from scd_train.data.batch import Batch
 from scd_train.data.codec import SpaceToDepthCodec
 from scd_train.data.synthetic import render_videos, split_indices
+from scd_train.errors import ResumeError
 
 
 class ClipSet:
@@ -21,7 +22,7 @@ class ClipSet:
                  video_names: list[str]) -> None:
         frames = latents.shape[1]
         if frames < clip_frames:
-            raise ValueError(f"videos have {frames} frames, fewer than data.clip_frames={clip_frames}")
+            raise ConfigError(f"videos have {frames} frames, fewer than data.clip_frames={clip_frames}")
         self.latents, self.actions, self.clip_frames = latents, actions, clip_frames
         self.video_names = video_names
         starts = range(0, frames - clip_frames + 1, stride)
@@ -58,8 +59,8 @@ class ShuffledLoader:
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = len(clips) // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(clips)} clips cannot fill one batch of {batch_size} on each of "
-                             f"{world_size} ranks; lower data.batch_size or add data")
+            raise ConfigError(f"{len(clips)} clips cannot fill one batch of data.batch_size={batch_size} on each "
+                              f"of {world_size} rank(s) (world size detected); lower data.batch_size or add data")
         self.epoch, self.batch_in_epoch = 0, 0
 
     def __iter__(self) -> Iterator[Batch]:
@@ -80,7 +81,7 @@ class ShuffledLoader:
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "world_size", "batch_size"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"data position saved with {key}={state[key]} cannot resume with "
+                raise ResumeError(f"data position saved with {key}={state[key]} cannot resume with "
                                  f"{key}={getattr(self, key)}")
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
 

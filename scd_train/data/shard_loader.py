@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scd_train.config import ConfigError
 from scd_train.data.batch import Batch
-from scd_train.data.manifest import Manifest
+from scd_train.data.manifest import Manifest, ManifestError
 from scd_train.data.shard_readers import (
     CorruptSampleError,
     TarShardReader,
@@ -31,6 +32,8 @@ from scd_train.data.shard_readers import (
     corrupt_sample,
     open_shards,
 )
+from scd_train.errors import ResumeError
+from scd_train.storage import CacheSettings, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,9 @@ class SamplePlan:
         self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
         self.batches_per_epoch = self.total // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.total} samples cannot fill one batch of data.batch_size={batch_size} on each "
-                             f"of {world_size} ranks; lower data.batch_size or encode more clips")
+            raise ConfigError(f"{self.total} samples cannot fill one batch of data.batch_size={batch_size} on each "
+                              f"of {world_size} rank(s) (world size detected); lower data.batch_size or encode "
+                              "more clips")
         self._rank_order = lru_cache(maxsize=2)(self._compute_rank_order)
 
     def _compute_rank_order(self, epoch: int) -> np.ndarray:
@@ -71,7 +75,8 @@ class SamplePlan:
 class _BatchStream(IterableDataset):
     """Endless batches ``start + worker, start + worker + workers, ...`` of one rank.
 
-    Yields (batch, skipped-sample messages), or (None, [error]) when a sample is corrupt in error mode.
+    Yields (batch, skipped-sample messages), or (None, [error]) when a sample is corrupt in error mode
+    or the storage failed to deliver it.
     """
 
     def __init__(self, loader: ShardLoader, start: int) -> None:
@@ -86,10 +91,10 @@ class _BatchStream(IterableDataset):
         while True:
             try:
                 yield self.make_batch(index)
-            except CorruptSampleError as exc:
+            except (CorruptSampleError, StorageError) as exc:
                 # handed over as a value: an exception raised inside a worker makes the DataLoader's
-                # shutdown wait out its join timeouts
-                yield None, [str(exc)]
+                # shutdown wait out its join timeouts (and buries the message under a traceback)
+                yield None, [exc]
             index += workers
 
     def make_batch(self, index: int) -> tuple[Batch, list[str]]:
@@ -124,14 +129,14 @@ class ShardLoader:
 
     def __init__(self, manifest: Manifest, fmt: str, *, batch_size: int, seed: int, clip_frames: int,
                  use_actions: bool, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 on_corrupt: str = "error", max_corrupt_skips: int = 0) -> None:
+                 on_corrupt: str = "error", max_corrupt_skips: int = 0, cache: CacheSettings | None = None) -> None:
         self.manifest, self.fmt = manifest, fmt
         self.batch_size, self.seed, self.clip_frames, self.use_actions = batch_size, seed, clip_frames, use_actions
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.on_corrupt, self.max_corrupt_skips = on_corrupt, max_corrupt_skips
         self.fingerprint = manifest.fingerprint(fmt)
         self._check_files()
-        self.readers = open_shards(manifest, fmt)
+        self.readers = open_shards(manifest, fmt, cache)
         self.plan = SamplePlan([r.entry.samples for r in self.readers], seed, batch_size, rank, world_size)
         self.batches_consumed = 0
         self.corrupt_skips = 0
@@ -146,7 +151,7 @@ class ShardLoader:
             return
         missing = [p for p, why in problems if why == "missing"]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} shard(s) listed in {self.manifest.root}/manifest.json are "
+            raise ManifestError(f"{len(missing)} shard(s) listed in {self.manifest.root}/manifest.json are "
                                     f"missing, first: {missing[0]}")
         path, why = problems[0]
         if self.on_corrupt == "skip":
@@ -163,14 +168,20 @@ class ShardLoader:
         stream = _BatchStream(self, self.batches_consumed)
         if self.num_workers == 0:
             return iter(stream)
+        # a generator of its own: otherwise starting the workers draws their base seed from the global
+        # RNG, shifting the training noise by one draw per (re)start, and a resumed run would differ
+        # from an uninterrupted one (the batches themselves need no randomness)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+                            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                            generator=torch.Generator().manual_seed(self.seed))
         return iter(loader)
 
     def __iter__(self) -> Iterator[Batch]:
         for batch, skips in self._batches():
             if batch is None:
-                raise CorruptSampleError(skips[0])
+                error = skips[0]
+                error.rank_local = True  # only this rank read that sample: it reports the failure itself
+                raise error
             for message in skips:
                 self.corrupt_skips += 1
                 if self.corrupt_skips > self.max_corrupt_skips:
@@ -190,10 +201,10 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "shards":
-            raise ValueError("the checkpoint's data position is not from a shard loader (data.source changed?)")
+            raise ResumeError("the checkpoint's data position is not from a shard loader (data.source changed?)")
         for key in ("format", "fingerprint", "seed", "world_size", "batch_size"):
             mine = getattr(self, "fmt" if key == "format" else key)
             if state[key] != mine:
-                raise ValueError(f"data position saved with {key}={state[key]!r} cannot resume with {key}={mine!r}")
+                raise ResumeError(f"data position saved with {key}={state[key]!r} cannot resume with {key}={mine!r}")
         self.batches_consumed = int(state["batches_consumed"])
         self.corrupt_skips = int(state["corrupt_skips"])

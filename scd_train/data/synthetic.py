@@ -14,6 +14,7 @@ import functools
 import numpy as np
 
 from scd_train.config import SyntheticDataConfig
+from scd_train.errors import InputError
 
 ACTION_NAMES = ("right", "left", "down", "up")
 ACTION_STEPS = np.array([(0, 1), (0, -1), (1, 0), (-1, 0)])  # (row, column) direction per action
@@ -33,7 +34,7 @@ def render_video(cfg: SyntheticDataConfig, seed: int, index: int) -> tuple[np.nd
     digits = _digit_images()
     size, span = cfg.image_size, 8 * cfg.digit_scale
     if span > size:
-        raise ValueError(f"data.synthetic.digit_scale={cfg.digit_scale} makes {span}px digits, "
+        raise InputError(f"data.synthetic.digit_scale={cfg.digit_scale} makes {span}px digits, "
                          f"larger than image_size={size}")
     sprites = [np.kron(digits[rng.integers(len(digits))], np.ones((cfg.digit_scale, cfg.digit_scale)))
                for _ in range(cfg.digits_per_video)]

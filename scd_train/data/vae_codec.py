@@ -9,6 +9,7 @@ from torch import Tensor
 
 from scd_train.data.manifest import Normalization
 from scd_train.data.vae import decode_latents, encode_pixels, frames_to_pixels, load_vae, vae_info
+from scd_train.data.vae_identity import compare
 
 
 class VaeCodec:
@@ -18,11 +19,11 @@ class VaeCodec:
     """
 
     def __init__(self, vae_path: str | Path, normalization: Normalization, device: str | torch.device = "cpu",
-                 expected_config_sha256: str | None = None, chunk: int = 32) -> None:
+                 expected: dict | None = None, chunk: int = 32, expected_label: str = "the latents") -> None:
+        """``expected``: the manifest's ``vae`` block; the folder's config and weights must match it."""
         info = vae_info(vae_path)
-        if expected_config_sha256 is not None and info.config_sha256 != expected_config_sha256:
-            raise ValueError(f"VAE folder {vae_path} has config hash {info.config_sha256[:12]} but the latents were "
-                             f"encoded by a VAE with hash {expected_config_sha256[:12]}; set data.vae_path to that VAE")
+        if expected is not None:
+            compare(info.to_dict(), expected, f"VAE folder {vae_path}", expected_label)
         self.info, self.normalization, self.chunk = info, normalization, chunk
         self.vae = load_vae(vae_path, device)
 

@@ -33,15 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from scd_train.config import Config
+from scd_train.diffusion.decoder_loop import guided_velocity
 from scd_train.diffusion.flow import add_noise, masked_clip_mean, per_frame_mse
 from scd_train.diffusion.objective import LossOutput, next_frame_actions, target_frame_indices
-from scd_train.diffusion.sampling import (
-    MIN_GUIDANCE_CONTEXT_NOISE,
-    SamplerSettings,
-    guided_velocity,
-    new_stream,
-    sample_sigmas,
-)
+from scd_train.diffusion.sampling import MIN_GUIDANCE_CONTEXT_NOISE, SamplerSettings, new_stream, sample_sigmas
 from scd_train.metrics.flops import StepFlops, causal_dit_forward, decoder_forward, encoder_forward
 from scd_train.models.layers import CLEAN_TIMESTEP
 
@@ -134,6 +129,17 @@ class TrajectoryMethod:
         generated = [stream.next_frame(None if actions is None else actions[:, j]) for j in range(first, frames)]
         return torch.cat([x0[:, :first], torch.stack(generated, dim=1).to(x0.dtype)], dim=1)
 
+    def own_history(self, pair: DistillationPair, x0: Tensor, actions: Tensor | None) -> Tensor:
+        """The clip the encoder reads: the data, or under self-rollout the student's own stream. A
+        sharded student (FSDP2) is gathered for the rollout: the sampler reads its parameters
+        outside the sharded blocks' forward."""
+        if not self.self_rollout:
+            return x0
+        from scd_train.parallel.fsdp2 import gathered
+
+        with gathered(pair):
+            return self.rollout(pair.student, x0, actions)
+
     def integrate(self, velocity, start: Tensor, high: Tensor, low: Tensor) -> Tensor:
         """Euler from per-sample level ``high`` to ``low`` in ``substeps`` equal steps of ``velocity``."""
         x = start
@@ -167,7 +173,7 @@ class SCDTrajectory(TrajectoryMethod):
         batch, frames = x0.shape[:2]
         targets = self.targets(frames)
         with torch.no_grad():
-            history = self.rollout(pair.student, x0, actions) if self.self_rollout else x0
+            history = self.own_history(pair, x0, actions)
         enc_actions = None if actions is None else next_frame_actions(actions)
         teacher_encoder = pair.teacher.encoder or pair.encoder
         with torch.no_grad():
@@ -252,7 +258,7 @@ class DenseTrajectory(TrajectoryMethod):
         x0 = latents.float()
         batch, frames = x0.shape[:2]
         with torch.no_grad():
-            history = self.rollout(pair.student, x0, actions) if self.self_rollout else x0
+            history = self.own_history(pair, x0, actions)
         clips = history.repeat(self.draws, *([1] * (history.dim() - 1)))
         clip_actions = None if actions is None else actions.repeat(self.draws, 1)
         samples = clips.shape[0]

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from scd_train.config import ConfigError, to_dict
+from scd_train.cli import command
+from scd_train.config import to_dict
+from scd_train.errors import InputError, ScdWarning
 from scd_train.eval.protocol import PRESETS, EvalProtocol, build_protocol
 
 PROTOCOL_FLAGS = ("context", "unroll", "trajectories", "clips", "batch_clips", "steps", "cfg_scale", "seed",
-                  "compat", "mp4_crf")
+                  "compat", "mp4_crf", "horizons", "compile")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(InputError):
     """Bad command-line input: reported as one line and exit status 2."""
 
 
@@ -37,7 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="tiny; minecraft (the paper's settings); minecraft-official (plus the reference quirks)")
     defaults = EvalProtocol()
+    p.add_argument("--horizons", type=_int_list, default=None,
+                   help="generated-frame indices, e.g. 1,4,8,16: PSNR and SSIM at each (eval.json by_horizon)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default=None,
+                   help="the decoder loop (default: each model's diffusion.sample_compile; auto = on CUDA only)")
     for name in PROTOCOL_FLAGS:
+        if name in ("horizons", "compile"):
+            continue
         kind = type(getattr(defaults, name)) if getattr(defaults, name) is not None else (
             float if name == "cfg_scale" else int)
         extra = {"choices": ["none", "official"]} if name == "compat" else {}
@@ -52,6 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     p.add_argument("--wandb-project", default="scd-train")
     return p.parse_args(argv)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,4,8") from None
 
 
 def load_feature_networks(args: argparse.Namespace, protocol: EvalProtocol):
@@ -75,9 +91,10 @@ def load_candidates(args: argparse.Namespace, protocol: EvalProtocol):
         if source is None:
             continue
         model, cfg = load_model(source, use_ema=not args.raw, device=args.device)
-        if protocol.frames > cfg.model.max_frames:
+        if protocol.frames > cfg.model.max_frames and cfg.model.encoder_window is None:
             raise EvalInputError(f"{source}: context + unroll = {protocol.frames} frames exceed its "
-                                 f"model.max_frames={cfg.model.max_frames}")
+                                 f"model.max_frames={cfg.model.max_frames} (it has no model.encoder_window "
+                                 "to stream past it)")
         candidates.append(Candidate(name, model, cfg, str(source)))
     shapes = {(c.cfg.model.latent_channels, c.cfg.model.latent_height, c.cfg.model.latent_width) for c in candidates}
     if len(shapes) > 1:
@@ -94,16 +111,20 @@ def run(args: argparse.Namespace) -> int:
     from scd_train.eval.evaluate import evaluate
     from scd_train.eval.report import flat_scalars, log_to_wandb, print_table, write_json
     from scd_train.eval.sheets import write_contact_sheet, write_grid_videos
+    from scd_train.parallel.runtime import check_device_option
 
     if args.scd is None and args.baseline is None:
         raise EvalInputError("give --scd and/or --baseline (a run directory or an exported .safetensors)")
+    if args.sheet_clips < 0:
+        raise EvalInputError(f"--sheet-clips {args.sheet_clips} must be >= 0")
+    check_device_option(args.device)
     protocol = build_protocol(args.preset, {n: getattr(args, n) for n in PROTOCOL_FLAGS})
     nets = load_feature_networks(args, protocol)
     candidates = load_candidates(args, protocol)
     clips, decode = holdout_eval_clips(candidates[0].cfg, protocol.frames, protocol.clips)
     if len(clips) < protocol.clips:
-        print(f"scd-eval: warning: the protocol asks for {protocol.clips} clips but the held-out data provides "
-              f"{len(clips)}; evaluating {len(clips)}", file=sys.stderr)
+        warnings.warn(f"the protocol asks for {protocol.clips} clips but the held-out data provides "
+                      f"{len(clips)}; evaluating {len(clips)}", ScdWarning, stacklevel=1)
     result = evaluate(candidates, clips, decode, protocol, nets, args.sheet_clips, args.device,
                       progress=lambda n: print(f"evaluated {n}/{len(clips)} clips", file=sys.stderr))
     data = result.to_json()
@@ -123,13 +144,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("scd-eval")
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (EvalInputError, ConfigError, FileNotFoundError, KeyError, ValueError, NotImplementedError) as exc:
-        print(f"scd-eval: {exc}", file=sys.stderr)
-        return 2
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from scd_train.config import Config
 from scd_train.data.holdout import holdout_clips
+from scd_train.errors import InputError
 
 Decode = Callable[[Tensor], Tensor]
 """Latents (..., C, h, w) -> frames (..., 3, H, W) in [0, 1]."""
@@ -49,7 +50,7 @@ def stack_clips(clips: list[EvalClip], frames: int) -> tuple[Tensor, Tensor | No
     """(B, frames, C, H, W) latents and (B, frames) actions (None when clips carry none)."""
     short = [c.key for c in clips if c.latents.shape[0] < frames]
     if short:
-        raise ValueError(f"clips {short[:4]} have fewer than the {frames} frames the protocol needs")
+        raise InputError(f"clips {short[:4]} have fewer than the {frames} frames the protocol needs")
     latents = torch.stack([c.latents[:frames] for c in clips])
     if any(c.actions is None for c in clips):
         return latents, None

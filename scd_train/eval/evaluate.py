@@ -18,9 +18,10 @@ from torch import Tensor, nn
 
 from scd_train.config import Config
 from scd_train.diffusion.sampling import Rollout, SamplerSettings, generate, settings_from_config
+from scd_train.errors import InputError
 from scd_train.eval.clips import Decode, EvalClip, batched, stack_clips
 from scd_train.eval.feature_metrics import LPIPS, VideoFeatures, frechet_distance
-from scd_train.eval.metrics import PSNR_CAP_DB, best_of_k, selection_rule, video_scores
+from scd_train.eval.metrics import PSNR_CAP_DB, best_of_k, horizon_scores, selection_rule, video_scores
 from scd_train.eval.protocol import EvalProtocol
 from scd_train.video import read_mp4, to_hwc_uint8, write_mp4
 
@@ -47,7 +48,7 @@ def sampler_settings(cfg: Config, protocol: EvalProtocol) -> SamplerSettings:
     """The model's own sampling defaults with the protocol's overrides. The dense baseline has no
     encoder context to perturb, so its guidance is always the null-action kind."""
     return settings_from_config(cfg.diffusion, protocol.steps, protocol.cfg_scale,
-                                cfg.diffusion.cfg_mode if cfg.model.arch == "scd" else "action")
+                                cfg.diffusion.cfg_mode if cfg.model.arch == "scd" else "action", protocol.compile)
 
 
 def official_round_trip(truth: Tensor, sample: Tensor, crf: int) -> tuple[Tensor, Tensor]:
@@ -71,6 +72,9 @@ class ModelTally:
     first_frame_seconds: list[float] = field(default_factory=list)
     steady_frame_seconds: list[float] = field(default_factory=list)
     settings: SamplerSettings | None = None
+    # protocol.horizons, and metric -> per video, per trajectory, per horizon
+    horizons: list[int] = field(default_factory=list)
+    per_horizon: dict[str, list[list[list[float]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.fvd_real = [[] for _ in range(self.trajectories)]
@@ -83,16 +87,23 @@ class ModelTally:
         fake_sets: list[list[Tensor]] = [[] for _ in range(self.trajectories)]
         for b in range(truth.shape[0]):
             row: dict[str, list[float]] = {}
+            horizon_row: dict[str, list[list[float]]] = {}
             for k in range(self.trajectories):
                 t, s = truth[b], samples[b, k]
                 if protocol.official:
                     t, s = official_round_trip(t, s, protocol.mp4_crf)
                 for name, value in video_scores(s[c:], t[c:], nets.lpips, per_frame_psnr=protocol.official).items():
                     row.setdefault(name, []).append(value)
+                if protocol.horizons:
+                    for name, values in horizon_scores(s[c:], t[c:], protocol.horizons).items():
+                        horizon_row.setdefault(name, []).append(values)
                 real_sets[k].append(t)
                 fake_sets[k].append(s)
             for name, values in row.items():
                 self.scores.setdefault(name, []).append(values)
+            for name, values in horizon_row.items():
+                self.per_horizon.setdefault(name, []).append(values)
+        self.horizons = list(protocol.horizons)
         if nets.fvd is not None:
             self._add_fvd_features(real_sets, fake_sets, nets.fvd, protocol.official)
 
@@ -129,7 +140,20 @@ class ModelTally:
         }
         if self.settings is not None:
             out["sampler"] = vars(self.settings).copy()
+        if self.per_horizon:
+            out["by_horizon"] = self._horizon_summary(official)
         return out
+
+    def _horizon_summary(self, official: bool) -> dict:
+        """Per metric, one value per horizon: best trajectory per video (the frame metrics' rule),
+        mean over videos."""
+        summary: dict = {"horizons": self.horizons}
+        for name, rows in self.per_horizon.items():
+            table = torch.tensor(rows, dtype=torch.float64)  # (videos, trajectories, horizons)
+            rule = selection_rule(name, official)
+            best = table.max(dim=1).values if rule == "max" else table.min(dim=1).values
+            summary[name] = best.mean(dim=0).tolist()
+        return summary
 
 
 @dataclass
@@ -207,5 +231,5 @@ def evaluate(candidates: list[Candidate], clips: Iterable[EvalClip], decode: Dec
         if progress is not None:
             progress(len(keys))
     if not keys:
-        raise ValueError("no evaluation clips: the data source yielded nothing")
+        raise InputError("no evaluation clips: the held-out data yielded nothing")
     return EvalRun(protocol, keys, tallies, sheet, {c.name: c.source for c in candidates})

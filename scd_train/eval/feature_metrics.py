@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scd_train.errors import InputError, MissingInput
+
 LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
 LPIPS_MIN_SIDE = 64
 
@@ -28,7 +30,7 @@ LPIPS_MIN_SIDE = 64
 def require_file(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path} does not exist or is not a file")
+        raise MissingInput(f"{what} not found: {path} does not exist or is not a file")
     return path
 
 
@@ -44,10 +46,17 @@ class LPIPS:
         from torchmetrics.functional.image.lpips import _NoTrainLpips
 
         if net not in LPIPS_BACKBONES:
-            raise ValueError(f"LPIPS net={net!r}: expected one of {sorted(LPIPS_BACKBONES)}")
+            raise InputError(f"LPIPS net={net!r}: expected one of {sorted(LPIPS_BACKBONES)}")
         path = require_file(backbone_path, f"LPIPS backbone weights ({LPIPS_BACKBONES[net]} state dict)")
         self.model = _NoTrainLpips(pretrained=True, net=net, pnet_rand=True)
-        _load_backbone(self.model.net, torch.load(path, map_location="cpu", weights_only=True), path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle and zip errors of a file that is not a state dict
+            raise InputError(f"{path} is not a torchvision state dict ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]})") from None
+        if not isinstance(state, dict):
+            raise InputError(f"{path} holds a {type(state).__name__}, not a torchvision state dict")
+        _load_backbone(self.model.net, state, path)
         self.model.to(device)
         self.official_range = official_range
         self.device = torch.device(device)
@@ -81,7 +90,7 @@ def _load_backbone(net: torch.nn.Module, state: dict[str, Tensor], path: Path) -
         wanted[name] = f"features.{index}.{param}"
     missing = [src for src in wanted.values() if src not in state]
     if missing:
-        raise KeyError(f"{path} lacks LPIPS backbone entries {missing[:4]}; expected a torchvision state dict "
+        raise InputError(f"{path} lacks LPIPS backbone entries {missing[:4]}; expected a torchvision state dict "
                        f"with 'features.*' keys")
     net.load_state_dict({dst: state[src] for dst, src in wanted.items()})
 
@@ -94,7 +103,11 @@ class VideoFeatures:
         with warnings.catch_warnings():
             # the reference I3D is distributed as TorchScript, whatever torch thinks of the format
             warnings.simplefilter("ignore", FutureWarning)
-            self.net = torch.jit.load(str(path), map_location=device).eval()
+            try:
+                self.net = torch.jit.load(str(path), map_location=device).eval()
+            except RuntimeError as exc:  # not a TorchScript archive
+                raise InputError(f"{path} is not a TorchScript feature network ({str(exc).splitlines()[0][:200]})"
+                                 ) from None
         self.device = torch.device(device)
 
     @torch.no_grad()

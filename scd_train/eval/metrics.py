@@ -58,6 +58,14 @@ def video_scores(prediction: Tensor, target: Tensor, lpips=None, per_frame_psnr:
     return scores
 
 
+def horizon_scores(prediction: Tensor, target: Tensor, horizons: list[int]) -> dict[str, list[float]]:
+    """PSNR and SSIM of single generated frames (T, 3, H, W) at each horizon h (1 = the first
+    generated frame), so quality can be read before and after e.g. an encoder window's length."""
+    frames = torch.tensor([h - 1 for h in horizons])
+    pred, true = prediction[frames], target[frames]
+    return {"psnr": psnr_from_mse(per_frame_mse(pred, true)).tolist(), "ssim": per_frame_ssim(pred, true).tolist()}
+
+
 def best_of_k(values: Tensor, select: str) -> Tensor:
     """(V,) best trajectory per video from a (V, K) table; ``select`` is 'max' or 'min'."""
     if values.ndim != 2:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from scd_train.cli import command
 from scd_train.config import ConfigError
 
 
@@ -39,14 +40,21 @@ def run(args: argparse.Namespace) -> int:
     from scd_train.eval.probe_plots import write_probe_plots
     from scd_train.eval.probes import probe_dense_model
     from scd_train.eval.report import log_to_wandb, write_json
+    from scd_train.parallel.runtime import check_device_option
     from scd_train.weights import load_model
 
+    if args.context < 1 or args.clips < 1:
+        raise ConfigError(f"--context={args.context} and --clips={args.clips} must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps={args.steps} must be >= 1")
+    check_device_option(args.device)
     model, cfg = load_model(args.source, args.checkpoint, use_ema=not args.raw, device=args.device)
+    if args.context + 1 > cfg.model.max_frames:
+        raise ConfigError(f"--context {args.context} + the probed frame = {args.context + 1} frames exceed the "
+                          f"model's model.max_frames={cfg.model.max_frames}")
     if cfg.model.arch != "causal_dit":
         raise ConfigError(f"{args.source} holds a model.arch={cfg.model.arch!r} model; the probes need the dense "
                           "causal baseline (model.arch='causal_dit')")
-    if args.context < 1 or args.clips < 1:
-        raise ConfigError(f"--context={args.context} and --clips={args.clips} must be >= 1")
     # the probes recompute attention with boolean masks; a no-op for the probed single-frame steps
     model.cfg = dataclasses.replace(model.cfg, attention="sdpa")
     clips, _ = holdout_eval_clips(cfg, args.context + 1, args.clips)
@@ -71,13 +79,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("scd-probe")
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, NotImplementedError) as exc:
-        print(f"scd-probe: {exc}", file=sys.stderr)
-        return 2
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

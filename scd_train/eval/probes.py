@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from scd_train.diffusion.sampling import CausalDiTStream, SamplerSettings, euler_sigmas
+from scd_train.models.attention import RingKVCache
 from scd_train.models.block import BlockContext, DiTBlock
 from scd_train.models.causal_dit import CausalDiT
 from scd_train.models.layers import modulate
@@ -32,6 +33,11 @@ def attention_probabilities(block: DiTBlock, x: Tensor, ctx: BlockContext, layer
     Keys include the frames already in the KV cache (committed before this call).
     """
     n = ctx.tokens_per_frame
+    cache = ctx.kv_cache
+    if isinstance(cache, RingKVCache) and cache.frames >= cache.window.span:
+        raise TypeError(f"attention probes read the cache as one prefix, but this model's window "
+                        f"(model.encoder_window={cache.window.frames}, model.encoder_sink_frames={cache.window.sinks}) "
+                        f"has wrapped its ring cache; probe with fewer than {cache.window.span} context frames")
     shift, scale, _ = block.attn_modulation(ctx.cond_act).chunk(3, dim=-1)
     q, k, _ = block.project_qkv(modulate(block.attn_norm(x), shift, scale, n), ctx)
     if ctx.kv_cache is not None and ctx.kv_cache.length > 0:

@@ -43,6 +43,12 @@ class EvalProtocol:
     compat: Literal["none", "official"] = "none"
     # x264 CRF of the official mode's round trip; imageio-ffmpeg's default quality 5 maps to 25.
     mp4_crf: int = 25
+    # Generated-frame indices (1 = the first generated frame) at which PSNR and SSIM are also
+    # reported one frame at a time ("by_horizon" in eval.json), e.g. before and after a model's
+    # encoder window; empty: none.
+    horizons: list[int] = dataclasses.field(default_factory=list)
+    # The sampler's decoder loop (auto / on / off); null uses each model's diffusion.sample_compile.
+    compile: str | None = None
 
     @property
     def frames(self) -> int:
@@ -83,3 +89,9 @@ def validate_protocol(p: EvalProtocol) -> None:
         raise ConfigError(f"eval.steps={p.steps} must be >= 1 or null")
     if not 0 <= p.mp4_crf <= 51:
         raise ConfigError(f"eval.mp4_crf={p.mp4_crf} must be in [0, 51]")
+    bad = [h for h in p.horizons if not 1 <= h <= p.unroll]
+    if bad:
+        raise ConfigError(f"eval.horizons={p.horizons}: {bad} outside the generated frames 1..{p.unroll} "
+                          f"(eval.unroll={p.unroll})")
+    if p.compile not in (None, "auto", "on", "off"):
+        raise ConfigError(f"eval.compile={p.compile!r} is not one of 'auto', 'on', 'off'")

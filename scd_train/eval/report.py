@@ -53,6 +53,12 @@ def metric_table(result: dict):
         table.add_row(f"{label} {arrow} [{selection}]", *cells)
     table.add_row("s/frame (steady)", *[f"{models[n]['timing']['steady_frame_seconds']:.4f}" for n in names])
     table.add_row("s (first frame)", *[f"{models[n]['timing']['first_frame_seconds']:.4f}" for n in names])
+    for name in names:  # --horizons: PSNR of single generated frames
+        by_horizon = models[name].get("by_horizon")
+        if by_horizon:
+            for h, value in zip(by_horizon["horizons"], by_horizon["psnr"]):
+                table.add_row(f"PSNR (dB) of frame +{h}, {name}",
+                              *[_cell(value, value, False) if n == name else "" for n in names])
     return table
 
 
@@ -75,6 +81,9 @@ def flat_scalars(result: dict, prefix: str = "eval") -> dict[str, float]:
         for key, value in summary["metrics"].items():
             out[f"{prefix}/{name}/{key}"] = value
         out[f"{prefix}/{name}/steady_frame_seconds"] = summary["timing"]["steady_frame_seconds"]
+        by_horizon = summary.get("by_horizon", {})
+        for h, value in zip(by_horizon.get("horizons", []), by_horizon.get("psnr", [])):
+            out[f"{prefix}/{name}/psnr_at_{h}"] = value
     return out
 
 

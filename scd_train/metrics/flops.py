@@ -24,9 +24,19 @@ def block_flops(m: ModelConfig, tokens: int, frames: int, attention_pairs: int) 
     return linear + modulation + attention
 
 
-def causal_pairs(new_frames: int, cached_frames: int, n: int) -> int:
-    """Query-key pairs when ``new_frames`` frames attend frame-causally after ``cached_frames``."""
-    return sum(n * (cached_frames + f + 1) * n for f in range(new_frames))
+def causal_pairs(new_frames: int, cached_frames: int, n: int, m: ModelConfig | None = None) -> int:
+    """Query-key pairs when ``new_frames`` frames attend frame-causally after ``cached_frames``
+    (within ``m``'s encoder window, when it has one)."""
+    return sum(n * visible_frames(cached_frames + f, m) * n for f in range(new_frames))
+
+
+def visible_frames(frame: int, m: ModelConfig | None = None) -> int:
+    """Key frames frame ``frame`` attends to, its own included: all earlier ones, or its window
+    plus the sink frames that have left the window."""
+    if m is None or m.encoder_window is None:
+        return frame + 1
+    w = m.encoder_window
+    return min(frame + 1, w) + max(0, min(m.encoder_sink_frames, frame + 1 - w))
 
 
 def _embed_and_head(m: ModelConfig, tokens: int, frames: int, with_projection: bool) -> float:
@@ -40,7 +50,7 @@ def _embed_and_head(m: ModelConfig, tokens: int, frames: int, with_projection: b
 def encoder_forward(m: ModelConfig, new_frames: int, cached_frames: int = 0) -> float:
     n = tokens_per_frame(m)
     tokens = new_frames * n
-    per_block = block_flops(m, tokens, new_frames, causal_pairs(new_frames, cached_frames, n))
+    per_block = block_flops(m, tokens, new_frames, causal_pairs(new_frames, cached_frames, n, m))
     return m.encoder_layers * per_block + _embed_and_head(m, tokens, new_frames, with_projection=False)
 
 
@@ -58,7 +68,7 @@ def decoder_forward(m: ModelConfig, samples: int) -> float:
 def causal_dit_forward(m: ModelConfig, new_frames: int, cached_frames: int = 0) -> float:
     n = tokens_per_frame(m)
     tokens = new_frames * n
-    per_block = block_flops(m, tokens, new_frames, causal_pairs(new_frames, cached_frames, n))
+    per_block = block_flops(m, tokens, new_frames, causal_pairs(new_frames, cached_frames, n, m))
     return m.layers * per_block + _embed_and_head(m, tokens, new_frames, with_projection=True)
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from scd_train.models.attention import AttentionMask, KVCache, attend
-from scd_train.models.layers import gate, modulate
-from scd_train.models.rope import apply_rope
+from scd_train.models.attention import AttentionMask, KVCache, RingKVCache, SinkCopies, attend
+from scd_train.models.layers import gate_terms, modulate_terms, modulation_terms
+from scd_train.models.rope import apply_rotary
 
 
 @dataclass
@@ -18,9 +18,57 @@ class BlockContext:
 
     cond_act: Tensor  # SiLU of the per-frame conditioning vector, (B, F, D)
     tokens_per_frame: int
-    rope: tuple[Tensor, Tensor]  # cos, sin of shape (L, head_dim/2)
+    rope: tuple[Tensor, Tensor]  # cos, signed sin of shape (L, head_dim), from RotaryTables
     mask: AttentionMask
-    kv_cache: KVCache | None = None
+    kv_cache: KVCache | RingKVCache | None = None
+    sink_copies: SinkCopies | None = None  # pinned sink keys of an uncached windowed forward
+    # Per block ``DiTBlock.modulation_terms`` prepared ahead (e.g. for every step of a frame at
+    # once, see ``StepConditioning``); None computes them from cond_act.
+    modulation: list[tuple[Tensor, ...]] | None = None
+
+
+@dataclass
+class StepConditioning:
+    """What a DiT stack derives from (timestep, action) alone, prepared ahead of its call: the
+    SiLU'd conditioning, every block's modulation terms and the output norm's."""
+
+    cond_act: Tensor  # (B, F, D)
+    blocks: list[tuple[Tensor, ...]]
+    output: tuple[Tensor, Tensor]
+
+
+@dataclass
+class StepsConditioning:
+    """``StepConditioning`` of T steps stacked along a leading dimension, e.g. every denoising
+    step of one frame, computed in one pass: one GEMM per modulation layer covers all T steps,
+    where a step-by-step loop runs one GEMV per layer per step (the results differ by round-off)."""
+
+    cond_act: Tensor  # (T, B, F, D)
+    blocks: list[tuple[Tensor, ...]]
+    output: tuple[Tensor, Tensor]
+
+    @classmethod
+    def of(cls, cond_act: Tensor, blocks, output_norm, one_frame: bool = False) -> StepsConditioning:
+        """From the conditioning ``cond_act`` (T, B, F, D) of T steps. ``one_frame``: the stack
+        runs on one frame per sample (F = 1), so the terms drop their frame axis, (T, B, 1, D), and
+        broadcast over the tokens without reshapes."""
+        blocks_terms = [block.modulation_terms(cond_act) for block in blocks]
+        output = output_norm.terms(cond_act)
+        if one_frame:
+            blocks_terms = [tuple(t.squeeze(-3) for t in terms) for terms in blocks_terms]
+            output = tuple(t.squeeze(-3) for t in output)
+        return cls(cond_act, blocks_terms, output)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.cond_act, *(t for terms in self.blocks for t in terms), *self.output]
+
+    def steps(self) -> list[StepConditioning]:
+        """Views of each step's conditioning (no copies)."""
+        acts = self.cond_act.unbind(0)
+        per_block = [[t.unbind(0) for t in terms] for terms in self.blocks]
+        out = [t.unbind(0) for t in self.output]
+        return [StepConditioning(acts[i], [tuple(t[i] for t in terms) for terms in per_block], (out[0][i], out[1][i]))
+                for i in range(len(acts))]
 
 
 class DiTBlock(nn.Module):
@@ -46,27 +94,36 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, ctx: BlockContext, layer_index: int = 0) -> Tensor:
         n = ctx.tokens_per_frame
-        shift, scale, gate_attn = self.attn_modulation(ctx.cond_act).chunk(3, dim=-1)
-        h = self.attention(modulate(self.attn_norm(x), shift, scale, n), ctx, layer_index)
-        x = x + gate(h, gate_attn, n)
-        shift, scale, gate_mlp = self.mlp_modulation(ctx.cond_act).chunk(3, dim=-1)
-        h = self.mlp(modulate(self.mlp_norm(x), shift, scale, n))
-        return x + gate(h, gate_mlp, n)
+        terms = ctx.modulation[layer_index] if ctx.modulation is not None else self.modulation_terms(ctx.cond_act)
+        shift, scale, gate_attn, mlp_shift, mlp_scale, gate_mlp = terms
+        h = self.attention(modulate_terms(self.attn_norm(x), shift, scale, n), ctx, layer_index)
+        x = x + gate_terms(h, gate_attn, n)
+        h = self.mlp(modulate_terms(self.mlp_norm(x), mlp_shift, mlp_scale, n))
+        return x + gate_terms(h, gate_mlp, n)
+
+    def modulation_terms(self, cond_act: Tensor) -> tuple[Tensor, ...]:
+        """(shift, 1 + scale, gate) of attention then of the MLP, each (..., F, 1, D), for the
+        conditioning ``cond_act`` (..., F, D): what adaLN needs from (timestep, action) alone."""
+        return (*modulation_terms(self.attn_modulation(cond_act), 3),
+                *modulation_terms(self.mlp_modulation(cond_act), 3))
 
     def attention(self, x: Tensor, ctx: BlockContext, layer_index: int) -> Tensor:
         q, k, v = self.project_qkv(x, ctx)
         if ctx.kv_cache is not None:
-            k, v = ctx.kv_cache.write(layer_index, k, v)
-        out = attend(q, k, v, ctx.mask)
+            out = ctx.kv_cache.attend(layer_index, q, k, v, ctx.mask)
+        else:
+            if ctx.sink_copies is not None:
+                k, v = ctx.sink_copies.extend(k, v)
+            out = attend(q, k, v, ctx.mask)
         return self.out(out.transpose(1, 2).flatten(2))
 
     def project_qkv(self, x: Tensor, ctx: BlockContext) -> tuple[Tensor, Tensor, Tensor]:
         """(B, H, L, Dh) queries and keys (normalized, rotated) and values."""
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
-        cos, sin = ctx.rope
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        batch, tokens = x.shape[:2]
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q = apply_rotary(self.q_norm(q), ctx.rope)
+        k = apply_rotary(self.k_norm(k), ctx.rope)
         return q, k, v
 
     @torch.no_grad()

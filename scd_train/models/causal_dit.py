@@ -11,8 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from scd_train.config import ModelConfig
-from scd_train.models.attention import KVCache, build_frame_causal_mask
-from scd_train.models.block import BlockContext, DiTBlock
+from scd_train.models.attention import (
+    AttentionWindow,
+    KVCache,
+    RingKVCache,
+    SinkCopies,
+    build_frame_causal_mask,
+    new_kv_cache,
+)
+from scd_train.models.block import BlockContext, DiTBlock, StepConditioning, StepsConditioning
 from scd_train.models.layers import (
     ActionEmbedding,
     AdaptiveOutputNorm,
@@ -24,7 +31,7 @@ from scd_train.models.layers import (
     unpatchify,
     zero_,
 )
-from scd_train.models.rope import rope_angles, token_positions
+from scd_train.models.rope import RotaryTables
 
 
 class CausalDiT(nn.Module):
@@ -39,6 +46,9 @@ class CausalDiT(nn.Module):
             DiTBlock(cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.layers))
         self.output_norm = AdaptiveOutputNorm(cfg.width)
         self.proj_out = nn.Linear(cfg.width, cfg.latent_channels * cfg.patch_size**2)
+        self.window = AttentionWindow.of(cfg)  # the same window option as SCD's encoder
+        self.rotary = RotaryTables(cfg.rope_axes, cfg.rope_theta, cfg.latent_height // cfg.patch_size,
+                                   cfg.latent_width // cfg.patch_size)
         self.reset_parameters()
 
     @property
@@ -54,42 +64,87 @@ class CausalDiT(nn.Module):
         zero_(self.output_norm.modulation)
         zero_(self.proj_out)
 
+    @property
+    def stream_frame_limit(self) -> int | None:
+        """Frames a stream may hold in all (context + generated); None: unbounded (a window)."""
+        return self.window.stream_limit(self.cfg.max_frames)
+
+    def conditioning(self, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
+        """SiLU'd per-frame conditioning (..., F, D) of timesteps (..., F) and actions (..., F)."""
+        cond = self.time_embed(timesteps)
+        if self.action_embed is not None:
+            if actions is None:
+                actions = torch.full(timesteps.shape, self.action_embed.null_id, device=timesteps.device,
+                                     dtype=torch.long)
+            cond = cond + self.action_embed(actions)
+        return silu(cond)
+
+    def step_conditioning(self, timesteps: Tensor, actions: Tensor | None = None) -> StepsConditioning:
+        """The conditioning of T denoising steps of one frame at once: ``timesteps`` (T, B, 1) and
+        ``actions`` (B, 1) shared by the steps; pass ``.steps()[i]`` to ``forward`` at step i."""
+        if actions is not None:
+            actions = actions.expand(timesteps.shape)
+        return StepsConditioning.of(self.conditioning(timesteps, actions), self.blocks, self.output_norm)
+
     def forward(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None = None,
-                kv_cache: KVCache | None = None, frame_offset: int = 0, commit: bool = True) -> Tensor:
+                kv_cache: KVCache | RingKVCache | None = None, frame_offset: int = 0, commit: bool = True,
+                conditioning: StepConditioning | None = None) -> Tensor:
         """Velocity (B, F, C, H, W) for frames (B, F, C, H, W) at per-frame ``timesteps`` (B, F).
 
         Frame t carries its own action t. With a KV cache, ``latents`` follow the cached frames;
         ``commit=False`` attends to the cache without keeping the new keys (a denoising step).
+        ``conditioning`` (from ``step_conditioning``) replaces ``timesteps`` and ``actions``.
         """
         batch, frames = latents.shape[:2]
-        if frame_offset + frames > self.cfg.max_frames:
+        if not isinstance(kv_cache, RingKVCache) and frame_offset + frames > self.cfg.max_frames:
             raise ValueError(f"{frame_offset + frames} frames exceed model.max_frames={self.cfg.max_frames}")
         n = self.tokens_per_frame
-        cond = self.time_embed(timesteps)
-        if self.action_embed is not None:
-            if actions is None:
-                actions = torch.full((batch, frames), self.action_embed.null_id, device=latents.device,
-                                     dtype=torch.long)
-            cond = cond + self.action_embed(actions)
-        cond_act = silu(cond)
+        if conditioning is None:
+            cond_act, modulation, output_terms = self.conditioning(timesteps, actions), None, None
+        else:
+            cond_act, modulation, output_terms = conditioning.cond_act, conditioning.blocks, conditioning.output
         x = self.patch_embed(latents)
-        rows = self.cfg.latent_height // self.cfg.patch_size
-        cols = self.cfg.latent_width // self.cfg.patch_size
-        positions = token_positions(frame_offset, frames, rows, cols, latents.device)
-        kv_frames = frame_offset + frames if kv_cache is not None else frames
-        mask = build_frame_causal_mask(frames, kv_frames, n, latents.device, self.cfg.attention)
-        ctx = BlockContext(cond_act, n, rope_angles(positions, self.cfg.rope_axes, self.cfg.rope_theta), mask,
-                           kv_cache)
-        for index, block in enumerate(self.blocks):
-            x = block(x, ctx, index)
-        if kv_cache is not None and commit:
-            kv_cache.advance(frames * n)
-        x = self.output_norm(x, cond_act, n)
+        if kv_cache is None:
+            x = self._blocks(x, cond_act, modulation, frame_offset, None)
+        else:
+            pieces = kv_cache.pieces(frame_offset, frames)
+            if not commit and len(pieces) > 1:
+                raise ValueError("a denoising pass (commit=False) over a windowed cache takes one frame at a time")
+            parts = []
+            for first, count in pieces:
+                lo = first - frame_offset
+                mods = modulation if len(pieces) == 1 or modulation is None else [
+                    tuple(t[:, lo:lo + count] for t in terms) for terms in modulation]
+                parts.append(self._blocks(x[:, lo * n:(lo + count) * n], cond_act[:, lo:lo + count], mods, first,
+                                          kv_cache))
+                if commit:
+                    kv_cache.advance(count * n)
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        x = self.output_norm(x, cond_act, n, terms=output_terms)
         return unpatchify(self.proj_out(x), frames, self.cfg.latent_channels, self.cfg.latent_height,
                           self.cfg.latent_width, self.cfg.patch_size)
 
-    def new_kv_cache(self, batch: int, capacity_frames: int, dtype: torch.dtype, device) -> KVCache:
-        if capacity_frames > self.cfg.max_frames:
+    def _blocks(self, x: Tensor, cond_act: Tensor, modulation, first: int,
+                kv_cache: KVCache | RingKVCache | None) -> Tensor:
+        n, frames, device = self.tokens_per_frame, cond_act.shape[1], x.device
+        if kv_cache is None:
+            mask = build_frame_causal_mask(frames, frames, n, device, self.cfg.attention, self.window)
+            copies = SinkCopies.build(self.window, frames, self.rotary, device)
+            rope = self.rotary.frames(first, frames, device)
+        else:
+            mask = build_frame_causal_mask(frames, first + frames, n, device, self.cfg.attention, self.window)
+            copies = None
+            rope = self.rotary.frames(kv_cache.frame_id(first), frames, device)
+        ctx = BlockContext(cond_act, n, rope, mask, kv_cache, copies, modulation)
+        for index, block in enumerate(self.blocks):
+            x = block(x, ctx, index)
+        return x
+
+    def new_kv_cache(self, batch: int, capacity_frames: int | None = None, dtype: torch.dtype | None = None,
+                     device: torch.device | str = "cpu") -> KVCache | RingKVCache:
+        """A ring of S + W frames for a window (``capacity_frames`` ignored), else the full history
+        of ``capacity_frames`` frames; see ``CausalEncoder.new_kv_cache``."""
+        if not self.window.bounded and capacity_frames is not None and capacity_frames > self.cfg.max_frames:
             raise ValueError(f"{capacity_frames} frames exceed model.max_frames={self.cfg.max_frames}")
-        return KVCache(len(self.blocks), batch, self.cfg.num_heads, capacity_frames * self.tokens_per_frame,
-                       self.cfg.head_dim, dtype, device)
+        return new_kv_cache(self.window, len(self.blocks), batch, self.cfg.num_heads, self.cfg.head_dim,
+                            self.rotary, capacity_frames, dtype, device)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from scd_train.config import ModelConfig
-from scd_train.models.block import BlockContext, DiTBlock
+from scd_train.models.block import BlockContext, DiTBlock, StepConditioning, StepsConditioning
 from scd_train.models.layers import (
     ActionEmbedding,
     AdaptiveOutputNorm,
@@ -18,7 +18,7 @@ from scd_train.models.layers import (
     unpatchify,
     zero_,
 )
-from scd_train.models.rope import rope_angles, token_positions
+from scd_train.models.rope import RotaryTables
 
 
 class FrameDecoder(nn.Module):
@@ -40,6 +40,8 @@ class FrameDecoder(nn.Module):
             DiTBlock(cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.decoder_layers))
         self.output_norm = AdaptiveOutputNorm(cfg.width)
         self.proj_out = nn.Linear(cfg.width, cfg.latent_channels * cfg.patch_size**2)
+        self.rotary = RotaryTables(cfg.rope_axes, cfg.rope_theta, cfg.latent_height // cfg.patch_size,
+                                   cfg.latent_width // cfg.patch_size)
         self.reset_parameters()
 
     @property
@@ -58,29 +60,43 @@ class FrameDecoder(nn.Module):
             eye = torch.eye(self.cfg.width)
             self.fuse.weight.copy_(torch.cat([eye, eye], dim=1))  # starts as context + noisy
 
-    def forward(self, noisy: Tensor, timesteps: Tensor, context: Tensor, actions: Tensor | None = None) -> Tensor:
-        """Velocity (B', C, H, W) for noisy frames (B', C, H, W) at ``timesteps`` (B',).
-
-        ``context`` (B', N, D) holds the encoder tokens of each sample's previous frame.
-        """
-        n = self.tokens_per_frame
+    def conditioning(self, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
+        """SiLU'd conditioning (..., 1, D) of timesteps (...) and actions (...): one "frame" per sample."""
         cond = self.time_embed(timesteps)
         if self.action_embed is not None:
             if actions is None:
-                actions = torch.full(timesteps.shape, self.action_embed.null_id, device=noisy.device,
+                actions = torch.full(timesteps.shape, self.action_embed.null_id, device=timesteps.device,
                                      dtype=torch.long)
             cond = cond + self.action_embed(actions)
-        cond_act = silu(cond)[:, None]  # one "frame" per sample
+        return silu(cond)[..., None, :]
+
+    def step_conditioning(self, timesteps: Tensor, actions: Tensor | None = None) -> StepsConditioning:
+        """The conditioning of T sampling steps at once: ``timesteps`` (T, B') and per-sample
+        ``actions`` (B',) shared by the steps; pass ``.steps()[i]`` to ``forward`` at step i."""
+        if actions is not None:
+            actions = actions.expand(timesteps.shape)
+        return StepsConditioning.of(self.conditioning(timesteps, actions), self.blocks, self.output_norm,
+                                    one_frame=True)
+
+    def forward(self, noisy: Tensor, timesteps: Tensor, context: Tensor, actions: Tensor | None = None,
+                conditioning: StepConditioning | None = None) -> Tensor:
+        """Velocity (B', C, H, W) for noisy frames (B', C, H, W) at ``timesteps`` (B',).
+
+        ``context`` (B', N, D) holds the encoder tokens of each sample's previous frame.
+        ``conditioning`` (from ``step_conditioning``) replaces ``timesteps`` and ``actions``.
+        """
+        n = self.tokens_per_frame
+        if conditioning is None:
+            cond_act, modulation, output_terms = self.conditioning(timesteps, actions), None, None
+        else:
+            cond_act, modulation, output_terms = conditioning.cond_act, conditioning.blocks, conditioning.output
         x_noisy = self.patch_embed(noisy[:, None])
-        x, group = self._fuse(context.to(x_noisy.dtype), x_noisy)
-        rows = self.cfg.latent_height // self.cfg.patch_size
-        cols = self.cfg.latent_width // self.cfg.patch_size
-        positions = token_positions(0, 1, rows, cols, noisy.device).repeat(group, 1)
-        ctx = BlockContext(cond_act, group * n, rope_angles(positions, self.cfg.rope_axes, self.cfg.rope_theta),
-                           mask=None)
+        x, group = self._fuse(context if context.dtype == x_noisy.dtype else context.to(x_noisy.dtype), x_noisy)
+        rope = self.rotary.repeated(0, group, noisy.device)
+        ctx = BlockContext(cond_act, group * n, rope, mask=None, modulation=modulation)
         for index, block in enumerate(self.blocks):
             x = block(x, ctx, index)
-        x = self.output_norm(x[:, -n:], cond_act, n)
+        x = self.output_norm(x[:, -n:], cond_act, n, terms=output_terms)
         out = unpatchify(self.proj_out(x), 1, self.cfg.latent_channels, self.cfg.latent_height,
                          self.cfg.latent_width, self.cfg.patch_size)
         return out[:, 0]

@@ -6,7 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from scd_train.config import ModelConfig
-from scd_train.models.attention import KVCache, build_frame_causal_mask
+from scd_train.models.attention import (
+    AttentionWindow,
+    KVCache,
+    RingKVCache,
+    SinkCopies,
+    build_frame_causal_mask,
+    new_kv_cache,
+)
 from scd_train.models.block import BlockContext, DiTBlock
 from scd_train.models.layers import (
     CLEAN_TIMESTEP,
@@ -19,7 +26,7 @@ from scd_train.models.layers import (
     silu,
     zero_,
 )
-from scd_train.models.rope import rope_angles, token_positions
+from scd_train.models.rope import RotaryTables
 
 
 class CausalEncoder(nn.Module):
@@ -28,6 +35,10 @@ class CausalEncoder(nn.Module):
     ``actions`` are already aligned to the input frames: frame i carries the action that leads to
     frame i+1 (see ``scd_train.diffusion.objective.next_frame_actions``). The output for frame i
     is the context the decoder uses to render frame i+1.
+
+    ``model.encoder_window`` bounds the history each frame attends to (the mask in training, a
+    ring-buffer KV cache at inference); the frame positions follow the rule written down in
+    ``scd_train.models.attention``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -40,6 +51,9 @@ class CausalEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.encoder_layers))
         self.output_norm = AdaptiveOutputNorm(cfg.width)
+        self.window = AttentionWindow.of(cfg)
+        self.rotary = RotaryTables(cfg.rope_axes, cfg.rope_theta, cfg.latent_height // cfg.patch_size,
+                                   cfg.latent_width // cfg.patch_size)
         self.reset_parameters()
 
     @property
@@ -64,30 +78,43 @@ class CausalEncoder(nn.Module):
             cond = cond + self.action_embed(actions)
         return cond
 
-    def forward_hidden(self, latents: Tensor, actions: Tensor | None = None, kv_cache: KVCache | None = None,
-                       frame_offset: int = 0) -> tuple[Tensor, Tensor]:
+    def forward_hidden(self, latents: Tensor, actions: Tensor | None = None,
+                       kv_cache: KVCache | RingKVCache | None = None, frame_offset: int = 0) -> tuple[Tensor, Tensor]:
         """Last hidden state (B, F*N, D) and the SiLU'd conditioning (B, F, D).
 
         With a KV cache, ``latents`` are the frames after the ones already cached and
         ``frame_offset`` is their absolute index.
         """
         batch, frames = latents.shape[:2]
-        self._check_frames(frame_offset + frames)
+        if not isinstance(kv_cache, RingKVCache):  # a ring keeps every position below S + W
+            self._check_frames(frame_offset + frames)
         n = self.tokens_per_frame
         cond_act = silu(self.conditioning(actions, batch, frames, latents.device))
         x = self.patch_embed(latents)
-        rows = self.cfg.latent_height // self.cfg.patch_size
-        cols = self.cfg.latent_width // self.cfg.patch_size
-        positions = token_positions(frame_offset, frames, rows, cols, latents.device)
-        kv_frames = frame_offset + frames if kv_cache is not None else frames
-        mask = build_frame_causal_mask(frames, kv_frames, n, latents.device, self.cfg.attention)
-        ctx = BlockContext(cond_act, n, rope_angles(positions, self.cfg.rope_axes, self.cfg.rope_theta),
-                           mask, kv_cache)
+        if kv_cache is None:
+            return self._blocks(x, cond_act, frame_offset, None), cond_act
+        parts = []
+        for first, count in kv_cache.pieces(frame_offset, frames):
+            lo = first - frame_offset
+            parts.append(self._blocks(x[:, lo * n:(lo + count) * n], cond_act[:, lo:lo + count], first, kv_cache))
+            kv_cache.advance(count * n)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), cond_act
+
+    def _blocks(self, x: Tensor, cond_act: Tensor, first: int, kv_cache: KVCache | RingKVCache | None) -> Tensor:
+        """The transformer blocks over frames first.. of ``x``, after the cached ones."""
+        n, frames, device = self.tokens_per_frame, cond_act.shape[1], x.device
+        if kv_cache is None:
+            mask = build_frame_causal_mask(frames, frames, n, device, self.cfg.attention, self.window)
+            copies = SinkCopies.build(self.window, frames, self.rotary, device)
+            rope = self.rotary.frames(first, frames, device)
+        else:
+            mask = build_frame_causal_mask(frames, first + frames, n, device, self.cfg.attention, self.window)
+            copies = None
+            rope = self.rotary.frames(kv_cache.frame_id(first), frames, device)
+        ctx = BlockContext(cond_act, n, rope, mask, kv_cache, copies)
         for index, block in enumerate(self.blocks):
             x = block(x, ctx, index)
-        if kv_cache is not None:
-            kv_cache.advance(frames * n)
-        return x, cond_act
+        return x
 
     def output_head(self, hidden: Tensor, cond_act: Tensor, noise_std: float = 0.0,
                     noise: Tensor | None = None) -> Tensor:
@@ -104,10 +131,15 @@ class CausalEncoder(nn.Module):
         noise_std = self.cfg.context_noise if self.training else 0.0
         return self.output_head(hidden, cond_act, noise_std)
 
-    def new_kv_cache(self, batch: int, capacity_frames: int, dtype: torch.dtype, device) -> KVCache:
-        self._check_frames(capacity_frames)
-        return KVCache(len(self.blocks), batch, self.cfg.num_heads, capacity_frames * self.tokens_per_frame,
-                       self.cfg.head_dim, dtype, device)
+    def new_kv_cache(self, batch: int, capacity_frames: int | None = None, dtype: torch.dtype | None = None,
+                     device: torch.device | str = "cpu") -> KVCache | RingKVCache:
+        """The cache policy of ``model.encoder_window``: a fixed ring of S + W frames for a window
+        (``capacity_frames`` ignored), else the full history of ``capacity_frames`` frames. The
+        storage takes the dtype attention computes in at the first write unless ``dtype`` is given."""
+        if not self.window.bounded and capacity_frames is not None:
+            self._check_frames(capacity_frames)
+        return new_kv_cache(self.window, len(self.blocks), batch, self.cfg.num_heads, self.cfg.head_dim,
+                            self.rotary, capacity_frames, dtype, device)
 
     def _check_frames(self, frames: int) -> None:
         if frames > self.cfg.max_frames:

@@ -60,13 +60,35 @@ class ActionEmbedding(nn.Module):
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor, tokens_per_frame: int) -> Tensor:
     """x * (1 + scale) + shift with per-frame (B, F, D) modulation broadcast over tokens."""
-    frames = x.unflatten(1, (-1, tokens_per_frame))
-    out = frames * (1 + scale[:, :, None]) + shift[:, :, None]
-    return out.flatten(1, 2)
+    return modulate_terms(x, shift[:, :, None], 1 + scale[:, :, None], tokens_per_frame)
 
 
 def gate(x: Tensor, gate_values: Tensor, tokens_per_frame: int) -> Tensor:
-    return (x.unflatten(1, (-1, tokens_per_frame)) * gate_values[:, :, None]).flatten(1, 2)
+    return gate_terms(x, gate_values[:, :, None], tokens_per_frame)
+
+
+def modulate_terms(x: Tensor, shift: Tensor, scale_plus_one: Tensor, tokens_per_frame: int) -> Tensor:
+    """``modulate`` with its terms prepared ahead, each (B, F, 1, D): the same arithmetic, so a
+    caller that prepares them once (e.g. for every step of a frame) gets bitwise the same result."""
+    if shift.dim() == x.dim():  # (B, 1, D) terms of a one-frame input broadcast over its tokens directly
+        return x * scale_plus_one + shift
+    frames = x.unflatten(1, (-1, tokens_per_frame))
+    return (frames * scale_plus_one + shift).flatten(1, 2)
+
+
+def gate_terms(x: Tensor, gate_values: Tensor, tokens_per_frame: int) -> Tensor:
+    """``gate`` with (B, F, 1, D) gate values (or (B, 1, D) for a one-frame input)."""
+    if gate_values.dim() == x.dim():
+        return x * gate_values
+    return (x.unflatten(1, (-1, tokens_per_frame)) * gate_values).flatten(1, 2)
+
+
+def modulation_terms(modulation: Tensor, parts: int) -> tuple[Tensor, ...]:
+    """Split a (..., F, parts*D) adaLN output into broadcast-ready (..., F, 1, D) terms, with every
+    scale (the second of each shift/scale/gate or shift/scale group) turned into 1 + scale."""
+    chunks = modulation.unsqueeze(-2).chunk(parts, dim=-1)
+    group = 3 if parts % 3 == 0 else 2
+    return tuple(1 + c if i % group == 1 else c for i, c in enumerate(chunks))
 
 
 class PatchEmbed(nn.Module):
@@ -80,7 +102,8 @@ class PatchEmbed(nn.Module):
     def forward(self, latents: Tensor) -> Tensor:
         p = self.patch
         tokens = rearrange(latents, "b f c (h p1) (w p2) -> b (f h w) (c p1 p2)", p1=p, p2=p)
-        return self.proj(tokens.to(self.proj.weight.dtype))
+        dtype = self.proj.weight.dtype
+        return self.proj(tokens if tokens.dtype == dtype else tokens.to(dtype))
 
 
 def unpatchify(tokens: Tensor, frames: int, channels: int, height: int, width: int, patch: int) -> Tensor:
@@ -102,12 +125,17 @@ class AdaptiveOutputNorm(nn.Module):
         self.modulation = nn.Linear(width, 2 * width)
 
     def forward(self, x: Tensor, cond_act: Tensor, tokens_per_frame: int,
-                noise: Tensor | None = None) -> Tensor:
-        shift, scale = self.modulation(cond_act).chunk(2, dim=-1)
+                noise: Tensor | None = None, terms: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``terms``: this layer's ``modulation_terms`` prepared ahead (cond_act is then unused)."""
+        shift, scale_plus_one = terms if terms is not None else self.terms(cond_act)
         normed = self.norm(x)
         if noise is not None:
             normed = normed + noise.to(normed.dtype)
-        return modulate(normed, shift, scale, tokens_per_frame)
+        return modulate_terms(normed, shift, scale_plus_one, tokens_per_frame)
+
+    def terms(self, cond_act: Tensor) -> tuple[Tensor, Tensor]:
+        """(shift, 1 + scale), each (..., F, 1, D), for conditioning ``cond_act`` (..., F, D)."""
+        return modulation_terms(self.modulation(cond_act), 2)
 
 
 def init_linear_xavier(module: nn.Module) -> None:

@@ -23,6 +23,11 @@ class SCDModel(nn.Module):
         self.encoder = CausalEncoder(cfg)
         self.decoder = FrameDecoder(cfg)
 
+    @property
+    def stream_frame_limit(self) -> int | None:
+        """Frames a stream may hold in all (context + generated); None: unbounded (a window)."""
+        return self.encoder.window.stream_limit(self.cfg.max_frames)
+
     def forward(self, encoder_latents: Tensor, encoder_actions: Tensor | None, noisy: Tensor,
                 timesteps: Tensor, decoder_actions: Tensor | None, context_index: Tensor) -> Tensor:
         """Velocity predictions (B', C, H, W) for decoder samples.

@@ -132,8 +132,10 @@ def build_backend(model: nn.Module, param_groups: list[dict], cfg: Config, runti
     (backends that replace parameters while sharding rebuild them from the wrapped model)."""
     name = cfg.train.backend
     if name == "single" and runtime.world_size > 1:
-        raise ValueError(f"train.backend='single' cannot run {runtime.world_size} processes; "
-                         "choose ddp, fsdp2 or deepspeed")
+        from scd_train.config import ConfigError
+
+        raise ConfigError(f"train.backend='single' cannot run {runtime.world_size} processes (WORLD_SIZE="
+                          f"{runtime.world_size} detected); choose train.backend=ddp, fsdp2 or deepspeed")
     if name == "deepspeed":
         from scd_train.parallel.deepspeed_backend import DeepSpeedBackend
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from scd_train.checkpoint import atomic_torch_save
 from scd_train.config import Config
 from scd_train.ema import EMA, canonical_name
+from scd_train.errors import ResumeError
 from scd_train.parallel.backend import TrainingBackend
 from scd_train.parallel.deepspeed_config import build_deepspeed_config
 from scd_train.parallel.runtime import Runtime, ensure_process_group
@@ -60,7 +61,8 @@ class DeepSpeedBackend(TrainingBackend):
 
             apply_activation_checkpointing(model)
         super().__init__(model, param_groups, cfg, runtime)
-        self.ds_config = build_deepspeed_config(cfg, bf16=self.compute_dtype == torch.bfloat16)
+        self.ds_config = build_deepspeed_config(cfg, bf16=self.compute_dtype == torch.bfloat16,
+                                                world_size=runtime.world_size)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False)
         self.module = self.engine
@@ -138,7 +140,7 @@ class DeepSpeedBackend(TrainingBackend):
             path, _ = self.engine.load_checkpoint(str(target), tag=TAG, load_module_strict=True,
                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint '{TAG}' under {target}")
+            raise ResumeError(f"DeepSpeed found no checkpoint '{TAG}' under {target}")
         saved = torch.load(target / ema_file(self.runtime.rank), weights_only=False)
         ema.load_state_dict(saved["shards"])
 

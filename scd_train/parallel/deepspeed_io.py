@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from scd_train.ema import canonical_name
+from scd_train.errors import ResumeError
 from scd_train.parallel.deepspeed_backend import CHECKPOINT_SUBDIR, TAG
 
 
@@ -16,11 +17,11 @@ def read_ema(directory: Path) -> dict[str, torch.Tensor]:
     parameter evenly across ranks, padding the last) and restore the full shape."""
     files = sorted(directory.glob("ema_rank_*.pt"))
     if not files:
-        raise FileNotFoundError(f"no EMA partitions (ema_rank_*.pt) under {directory}")
+        raise ResumeError(f"no EMA partitions (ema_rank_*.pt) under {directory}")
     parts = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
     world = parts[0]["world_size"]
     if len(parts) != world or sorted(p["rank"] for p in parts) != list(range(world)):
-        raise FileNotFoundError(f"{directory} holds {len(parts)} EMA partitions but was written by {world} ranks")
+        raise ResumeError(f"{directory} holds {len(parts)} EMA partitions but was written by {world} ranks")
     parts.sort(key=lambda p: p["rank"])
     weights = {}
     for name, spec in parts[0]["layout"].items():
@@ -60,6 +61,6 @@ def read_weights(checkpoint: Path, model: nn.Module, use_ema: bool = True) -> di
     expected = {n: p.shape for n, p in model.named_parameters()}
     for name, tensor in weights.items():
         if name in expected and tuple(tensor.shape) != tuple(expected[name]):
-            raise ValueError(f"{checkpoint}: weight {name} has shape {tuple(tensor.shape)}, "
+            raise ResumeError(f"{checkpoint}: weight {name} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(expected[name])}")
     return weights

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from scd_train.errors import ResumeError
+
 POSITION_KEYS = {"epoch", "batch_in_epoch", "batch_size", "world_size"}
 
 
@@ -15,7 +17,7 @@ def reshard_loader_state(state: dict, new_world_size: int) -> dict:
     """
     missing = POSITION_KEYS - set(state)
     if missing:
-        raise ValueError(f"this data loader's position ({sorted(state)}) cannot be carried from "
+        raise ResumeError(f"this data loader's position ({sorted(state)}) cannot be carried from "
                          f"{state.get('world_size', '?')} to {new_world_size} ranks; resume with the old world size")
     consumed = state["batch_in_epoch"] * state["batch_size"] * state["world_size"]
     batch_in_epoch = math.ceil(consumed / (state["batch_size"] * new_world_size))

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from scd_train.errors import InputError, RunFailure, ScdError
+from scd_train.parallel.launch_env import read_launch_env
+from scd_train.parallel.rendezvous import rendezvous
+
+T = TypeVar("T")
+
+
+class LaunchEnvironmentError(InputError):
+    """The process's device or launch environment cannot run this config."""
+
+    # the rank numbering itself may be what is wrong (no process may be rank 0): every process says so
+    rank_local = True
 
 
 @dataclass
@@ -37,12 +52,37 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def all_gather_object(self, obj) -> list:
+        """``obj`` of every rank, in rank order (a one-element list without a process group)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj, src: int = 0):
         if not self.distributed:
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on rank 0 only, its result on every rank; when it raises, every rank raises
+        (the same ScdError, or a RunFailure naming rank 0's error), so no rank waits for a peer that quit."""
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ("ok", fn())
+            except ScdError as exc:
+                outcome = ("raise", exc)
+            except BaseException as exc:
+                self.broadcast_object(("raise", RunFailure(f"rank 0 failed: {type(exc).__name__}: {exc}")))
+                raise
+        kind, value = self.broadcast_object(outcome)
+        if kind == "raise":
+            raise value
+        return value
 
     @property
     def collective_device(self) -> torch.device:
@@ -57,29 +97,56 @@ class Runtime:
 def resolve_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device='cuda' but no CUDA device is visible")
+            raise LaunchEnvironmentError("train.device='cuda' but no CUDA device is visible to this process; "
+                                         "use train.device=cpu (or auto), or check CUDA_VISIBLE_DEVICES")
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise LaunchEnvironmentError(f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible; "
+                                         "start one process per GPU")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def init_runtime(device_choice: str = "auto", timeout_minutes: float = 30.0) -> Runtime:
+def check_device_option(text: str, option: str = "--device") -> torch.device:
+    """A device named on the command line, refused early when it cannot exist here."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise LaunchEnvironmentError(f"{option} {text!r} is not a device name (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LaunchEnvironmentError(f"{option} {text}: no CUDA device is visible to this process; "
+                                         "use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise LaunchEnvironmentError(f"{option} {text}: only {count} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise LaunchEnvironmentError(f"{option} {text!r}: expected cpu, cuda or cuda:N")
+    return device
+
+
+def init_runtime(device_choice: str = "auto", timeout_minutes: float = 30.0,
+                 rendezvous_timeout_s: float = 300.0) -> Runtime:
     """Join the process group described by the launcher's environment (torchrun, deepspeed,
-    SLURM via our launcher); a plain ``python`` start is a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_choice, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        for var in ("MASTER_ADDR", "MASTER_PORT"):
-            if var not in os.environ:
-                raise RuntimeError(f"WORLD_SIZE={world_size} but {var} is unset; start with torchrun, the "
-                                   "deepspeed launcher or launchers/slurm.py")
+    SLURM via our launcher); a plain ``python`` start is a single process.
+
+    The environment is checked first (scd_train.parallel.launch_env); the rendezvous then waits at
+    most ``rendezvous_timeout_s`` for the other ranks, saying which are missing, and collectives
+    time out after ``timeout_minutes``.
+    """
+    env = read_launch_env(os.environ)
+    device = resolve_device(device_choice, env.local_rank)
+    if env.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
-    return Runtime(rank, world_size, local_rank, device)
+        options = {"rank": env.rank, "world_size": env.world_size,
+                   "timeout": datetime.timedelta(minutes=timeout_minutes),
+                   "device_id": device if device.type == "cuda" else None}
+        if env.torchrun:  # torchrun's agent gathered the workers and hosts the store
+            dist.init_process_group(backend, **options)
+        else:
+            dist.init_process_group(backend, store=rendezvous(env, rendezvous_timeout_s), **options)
+    return Runtime(env.rank, env.world_size, env.local_rank, device)
 
 
 def ensure_process_group(runtime: Runtime) -> None:

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from scd_train.config import Fp8Config
+from scd_train.third_party import quiet_imports
 
 
 def float8_linear_config(cfg: Fp8Config, device: torch.device):
-    from torchao.float8 import CastConfig, Float8LinearConfig
+    with quiet_imports():
+        from torchao.float8 import CastConfig, Float8LinearConfig
 
     emulate = device.type == "cpu"
     if cfg.recipe == "rowwise":
