@@ -54,13 +54,29 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # Std of the Gaussian perturbation of the encoder's normalized output in training.
     context_noise: float = 0.05
-    # What the encoder reads in training: "clean" latents (teacher forcing) or the same
-    # per-frame-noised sequence the decoder targets come from ("noisy", the official release).
-    encoder_input: Literal["clean", "noisy"] = "clean"
-    # How the decoder fuses the encoder tokens of frame t-1 with the noisy tokens of frame t.
-    fusion: Literal["token_concat", "add", "channel_concat"] = "token_concat"
+    # The history a model reads in training, for SCD and the dense baseline alike, so that two runs
+    # of one config differing only in model.arch compare like with like:
+    # "noisy" (the official release, and diffusion forcing for the dense model): the same
+    #   per-frame-noised sequence the targets come from; SCD's encoder reads it at the clean label
+    #   (t = -1), the dense model at each frame's own timestep.
+    # "clean" (teacher forcing): ground-truth history; SCD's encoder reads the clean latents, the
+    #   dense model attends from each noisy frame t to a clean copy of frames < t.
+    # Sampling always conditions both on clean frames (given context, then generated frames).
+    encoder_input: Literal["clean", "noisy"] = "noisy"
+    # How the decoder fuses the encoder tokens of frame t-1 with the noisy tokens of frame t:
+    # "token_concat" (the release: 2N tokens, shared RoPE ids), "token_concat_with_proj" (the same
+    # after a LayerNorm + zero-initialised Linear on the encoder tokens, the release's ablation),
+    # "add" (N tokens, summed) or "channel_concat" (N tokens, [ctx | noisy] projected, starts as a sum).
+    fusion: Literal["token_concat", "token_concat_with_proj", "add", "channel_concat"] = "token_concat"
     # "auto": FlexAttention block masks on CUDA, SDPA with a boolean mask elsewhere.
     attention: Literal["auto", "sdpa", "flex"] = "auto"
+    # Release compatibility, for matching its numbers (configs/scd_m_release.yaml); off = fp32.
+    # RoPE positions held in bf16, as the release builds them in the latents' dtype: frame ids
+    # above 256 round to even numbers, above 512 to multiples of 4 (rows and columns are exact).
+    reference_bf16_rope: bool = False
+    # Timesteps rounded to bf16 before the sinusoidal embedding (t in [512, 1000] in steps of 4),
+    # in training and sampling; noise levels themselves are unaffected.
+    reference_bf16_timesteps: bool = False
     # Frames of history every encoder token attends to: its own frame and the previous
     # encoder_window - 1 (the training mask and a fixed-size ring-buffer KV cache at inference
     # alike); null = the full history. With a window, streams run past max_frames at constant
@@ -82,8 +98,13 @@ class DiffusionConfig:
     target_window: int | None = None
     # Decoder noise draws per encoder pass (the encoder gets gradient from all of them).
     decoder_multi_batch: int = 2
-    # Reproduce the official release's bf16 noise/timestep quantization (off: fp32 throughout).
+    # Reproduce the official release's bf16 latents: they are cast before noise is drawn, so noise,
+    # noisy inputs and velocity targets are bf16 (off: fp32 throughout).
     reference_bf16_inputs: bool = False
+    # Reproduce the release's action bug: the first decoder pass of each step conditions target
+    # frame t on action t+1 (the copy it shifted for the encoder); the other passes use action t,
+    # as sampling does. SCD only (the dense baseline's draws are one pass).
+    reference_first_pass_next_action: bool = False
     # Sampling defaults (scd-sample and evaluation can override them).
     sample_steps: int = 50
     # Euler noise levels: "release" (linear from 1 down to 1/T, then a last step to 0, as the
@@ -93,6 +114,9 @@ class DiffusionConfig:
     cfg_scale: float = 1.0
     # "decoder": unconditional branch = encoder context with fresh noise; "action": null actions.
     cfg_mode: Literal["decoder", "action"] = "decoder"
+    # Guidance scales scd-eval evaluates this model at when --cfg-scale is not given, one result per
+    # scale (the release evaluates at 1.5 and 1.0); null: [cfg_scale].
+    eval_cfg_scales: list[float] | None = None
     # The sampler's per-frame decoder loop: "auto" compiles it on CUDA (torch.compile, plus a
     # CUDA graph of a whole frame's steps where that is faster) and runs it eagerly elsewhere;
     # "on" compiles on any device (a CPU pays a minute of compilation up front); "off" is eager.
@@ -109,6 +133,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     # Linear warmup length in optimizer steps, then constant.
     warmup_steps: int = 10000
+    # Count warmup from 0 as the release's scheduler does: lr 0 at the first step and the full rate
+    # from step warmup_steps on (off: step s trains at (s+1)/warmup_steps, no step at lr 0).
+    reference_warmup_from_zero: bool = False
     # Global gradient-norm clip; 0 disables clipping.
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
@@ -592,6 +619,9 @@ def validate(cfg: Config) -> None:
         _require(2 <= cfg.data.random_clip_min_frames <= cfg.data.clip_frames,
                  f"data.random_clip_min_frames={cfg.data.random_clip_min_frames} must be in "
                  f"[2, data.clip_frames={cfg.data.clip_frames}]")
+    if d.eval_cfg_scales is not None:
+        _require(len(d.eval_cfg_scales) > 0 and len(set(d.eval_cfg_scales)) == len(d.eval_cfg_scales),
+                 f"diffusion.eval_cfg_scales={d.eval_cfg_scales} must be null or distinct scales")
     if d.target_window is not None:
         _require(d.target_window >= 1,
                  f"diffusion.target_window={d.target_window} must be >= 1 or null")
@@ -657,6 +687,10 @@ def _validate_window(m: ModelConfig) -> None:
                          "beside a window; without one the encoder already sees the whole history)")
         return
     _require(w >= 1, f"model.encoder_window={w} must be >= 1 frame or null (the full history)")
+    _require(not (m.arch == "causal_dit" and m.encoder_input == "clean"),
+             f"model.encoder_window={w} with model.arch=causal_dit and model.encoder_input=clean: the dense "
+             "baseline's teacher forcing (a clean copy of the history beside the noisy frames) has no windowed "
+             "mask; use model.encoder_input=noisy for a windowed dense baseline")
     _require(w <= m.max_frames, f"model.encoder_window={w} is larger than model.max_frames={m.max_frames}; "
                                 "use a window of at most max_frames frames, or null for the full history")
     _require(s <= w, f"model.encoder_sink_frames={s} is larger than model.encoder_window={w}; "

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -25,8 +27,7 @@ import torch
 from scd_train.cli import command
 from scd_train.config import Config, load_config
 from scd_train.eval.next_frame import next_frame_score
-from scd_train.eval.speed import SpeedSettings, compare_speed, paired_configs
-from scd_train.models import build_model
+from scd_train.eval.speed import SpeedSettings, measure
 from scd_train.sample import SampleRequest, rollout_clips, write_samples
 from scd_train.weights import load_model
 
@@ -64,13 +65,38 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> Path:
     return out
 
 
+# CPU results depend on how many threads split each reduction and on the instruction set the CPU
+# kernels are chosen for (the same run gives other digits with AVX2 kernels than with AVX-512 ones),
+# so the demo pins both: every stage runs at DEMO_THREADS threads with AVX2 kernels on x86.
+DEMO_THREADS = 2
+X86_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+# The speed rows run at one pinned thread, as bench/inference.py does by default: a thread that
+# waits for a busy core at every synchronisation would time the machine's load, not the models.
+SPEED_THREADS = 1
+
+
+def pin_cpu_numerics() -> dict[str, str]:
+    """Fix the thread count and, on x86, the kernels' instruction set; returns what was pinned.
+
+    Must run before the first tensor computation: the libraries read these variables when they
+    first dispatch a kernel. A variable already set by the user is left as it is.
+    """
+    pinned = {}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        for name, value in X86_KERNELS.items():
+            pinned[name] = os.environ.setdefault(name, value)
+    torch.set_num_threads(DEMO_THREADS)
+    pinned["torch_threads"] = str(torch.get_num_threads())
+    return pinned
+
+
 def measure_speed_ratio(cfg: Config, context: int) -> dict:
-    """SCD vs the dense baseline of the same width and total depth, both with fresh weights."""
-    scd_cfg, dense_cfg = paired_configs(cfg)
-    torch.manual_seed(0)
-    scd, dense = build_model(scd_cfg.model).eval(), build_model(dense_cfg.model).eval()
-    settings = SpeedSettings(context=context, unroll=8, steps=cfg.diffusion.sample_steps)
-    return compare_speed(scd, dense, scd_cfg, dense_cfg, settings)
+    """SCD vs the dense baseline of the same width and total depth, both with fresh weights, timed
+    side by side frame for frame (``scd_train.eval.speed``)."""
+    settings = SpeedSettings(context=context, rollouts=3, unroll=8, steps=cfg.diffusion.sample_steps)
+    report = measure(cfg, [settings], torch.device("cpu"), torch.float32, threads=SPEED_THREADS)
+    return {**report["results"][0], "threads": report["threads"], "machine_load": report["machine_load"],
+            "history": report["history"]}
 
 
 def print_table(summary: dict) -> None:
@@ -86,9 +112,12 @@ def print_table(summary: dict) -> None:
     table.add_row(f"next-frame PSNR, SCD ({score['clips']} held-out clips)", f"{score['model_psnr']:.2f} dB")
     table.add_row("next-frame PSNR, copy last context frame", f"{score['copy_last_psnr']:.2f} dB")
     speed = summary["speed"]
-    table.add_row(f"ms/frame SCD vs baseline ({speed['context_frames']} context frames)",
-                  f"{speed['scd']['frame_s_median'] * 1e3:.1f} vs {speed['causal_dit']['frame_s_median'] * 1e3:.1f}")
-    table.add_row("speed ratio SCD / dense baseline", f"{speed['speedup']:.2f}x")
+    scd, dense, ratio = speed["scd"]["frame"], speed["causal_dit"]["frame"], speed["ratios"]["frame"]
+    table.add_row(f"ms/frame SCD vs baseline ({speed['context_frames']} context frames, median of {scd['calls']})",
+                  f"{scd['wall_s_median'] * 1e3:.1f} vs {dense['wall_s_median'] * 1e3:.1f}")
+    table.add_row("speed ratio SCD / dense baseline: wall | CPU time",
+                  f"{ratio['wall_median']:.2f}x | {ratio['cpu_median']:.2f}x")
+    table.add_row("FLOP ratio dense baseline / SCD", f"{ratio['flops']:.2f}x")
     table.add_row("run directory", summary["run_dir"])
     Console().print(table)
 
@@ -109,7 +138,7 @@ def prepare_shard_data(data_dir: Path) -> list[str]:
     return prepare_shards(data_dir, DemoScale())
 
 
-def run_demo(cfg: Config, eval_clips: int, context: int) -> dict:
+def run_demo(cfg: Config, eval_clips: int, context: int, pinned: dict[str, str] | None = None) -> dict:
     run_dir = Path(cfg.train.run_dir)
     if (run_dir / "config.yaml").exists():  # an earlier demo: start over rather than resume it
         shutil.rmtree(run_dir)
@@ -132,6 +161,7 @@ def run_demo(cfg: Config, eval_clips: int, context: int) -> dict:
         "samples": [str(p) for p in samples],
         "loss_curve": str(curve),
         "run_dir": str(run_dir),
+        "cpu_numerics": pinned or {},
     }
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -148,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=4)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
+    pinned = pin_cpu_numerics()
     data_overrides = prepare_shard_data(args.data_dir) if args.source == "shards" else []
     cfg = load_config(args.config or DEFAULT_CONFIGS[args.source],
                       [*data_overrides, "train.run_dir=runs/demo", "train.resume=false", *args.overrides])
-    summary = run_demo(cfg, args.eval_clips, args.context)
+    summary = run_demo(cfg, args.eval_clips, args.context, pinned)
     print_table(summary)
     print(f"samples: {Path(cfg.train.run_dir) / 'samples'}   loss curve: {summary['loss_curve']}")
     return 0

@@ -58,7 +58,8 @@ OWNED = {"diffusion.sample_steps": "--steps", "diffusion.cfg_scale": "distill.te
          "samples unguided: the guidance is distilled into it)", "train.run_dir": "--out",
          "train.init_from": "the teacher (the student starts from its EMA weights)",
          "distill.teacher": "the positional teacher argument", "distill.teacher_checkpoint": "--teacher-checkpoint",
-         "distill.teacher_steps": "--teacher-steps"}
+         "distill.teacher_steps": "--teacher-steps",
+         "diffusion.eval_cfg_scales": "distill.teacher_cfg_scale (a student is evaluated unguided)"}
 
 
 class DistillInputError(InputError):
@@ -201,6 +202,8 @@ def build_student_config(teacher: Teacher, steps: int, out: Path, recipe: Path |
     _guidance(teacher, cfg)
     cfg.diffusion.sample_steps = steps
     cfg.diffusion.cfg_scale = 1.0
+    # the teacher's evaluation guidance scales would guide a student whose guidance is distilled in
+    cfg.diffusion.eval_cfg_scales = None
     cfg.train.run_dir = str(out)
     cfg.train.init_from = None
     check_student_model(cfg, teacher)

@@ -62,18 +62,23 @@ def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return list(groups.values())
 
 
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """Linear warmup over ``warmup_steps`` optimizer steps, then constant 1."""
+def warmup_factor(step: int, warmup_steps: int, from_zero: bool = False) -> float:
+    """Linear warmup over ``warmup_steps`` optimizer steps, then constant 1.
+
+    Step s (0-based) trains at (s+1)/warmup_steps, so the first step already learns; ``from_zero``
+    counts like the release's scheduler instead, s/warmup_steps, whose first step runs at lr 0.
+    """
     if warmup_steps <= 0:
         return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
+    return min(1.0, (step if from_zero else step + 1) / warmup_steps)
 
 
 def expected_lr(group: dict, step: int, cfg: OptimConfig) -> float:
     """The group's rate at ``step`` as the config defines it (never from the group's own ``base_lr``)."""
     if cfg.freeze_encoder_after is not None and group["module"] == "encoder" and step >= cfg.freeze_encoder_after:
         return 0.0
-    return configured_base_lr(group["module"], cfg) * warmup_factor(step, cfg.warmup_steps)
+    factor = warmup_factor(step, cfg.warmup_steps, cfg.reference_warmup_from_zero)
+    return configured_base_lr(group["module"], cfg) * factor
 
 
 def apply_group_settings(optimizer, cfg: OptimConfig) -> dict[str, tuple[float, float]]:

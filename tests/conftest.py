@@ -11,6 +11,17 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Commands run in-process here may set process-wide variables (scd-demo pins the CPU kernels'
+    instruction set, launchers export RANK and friends); each test starts from the same environment."""
+    saved = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT

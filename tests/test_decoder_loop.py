@@ -179,3 +179,13 @@ def test_kv_cache_is_stored_in_the_compute_dtype(arch):
         assert stream.cache.keys.dtype == (torch.bfloat16 if dtype is None else torch.float32)
     assert torch.equal(frames[None], frames[torch.float32])
 
+
+
+def test_a_pinned_cpu_kernel_instruction_set_runs_the_loop_eagerly_and_says_so(monkeypatch):
+    from scd_train.errors import ScdWarning
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    with pytest.warns(ScdWarning, match="ATEN_CPU_CAPABILITY=avx2 is set: the decoder loop runs eagerly"):
+        assert resolve_loop("on", torch.device("cpu")) == "eager"
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    assert resolve_loop("on", torch.device("cpu")) == "compile" and resolve_loop("auto", torch.device("cpu")) == "eager"

@@ -238,3 +238,21 @@ def test_resume_refuses_a_change_to_what_the_student_learns_and_applies_the_rest
     other["distill"]["teacher"] = "runs/teacher"
     refused, _ = compare_configs(plain, other)
     assert [c.key for c in refused] == ["distill.teacher"]
+
+
+def test_a_student_of_a_release_teacher_is_evaluated_unguided(tmp_path):
+    """The release recipe evaluates at several guidance scales; the student has the guidance
+    distilled in, so it keeps none of them, and they cannot be set back by an override."""
+    from pathlib import Path
+
+    from scd_train.config import load_config
+    from scd_train.distill import DistillInputError, Teacher, build_student_config
+
+    teacher_cfg = load_config("configs/tiny.yaml", ["diffusion.eval_cfg_scales=[1.5,1.0]", "diffusion.cfg_scale=1.5"])
+    teacher = Teacher(Path(tmp_path / "teacher"), teacher_cfg, Path(tmp_path / "teacher" / "ckpt"), 10)
+    student = build_student_config(teacher, 2, tmp_path / "student", None, [], False, None, None)
+    assert student.diffusion.eval_cfg_scales is None and student.diffusion.cfg_scale == 1.0
+    assert student.distill.teacher_cfg_scale == 1.5
+    with pytest.raises(DistillInputError, match="diffusion.eval_cfg_scales is set by scd-distill"):
+        build_student_config(teacher, 2, tmp_path / "student", None, ["diffusion.eval_cfg_scales=[1.5]"], False,
+                             None, None)

@@ -107,6 +107,41 @@ def test_eval_errors_name_the_problem(runs, tmp_path, capsys):
     assert "--scd and/or --baseline" in capsys.readouterr().err
 
 
+def run_variant(run: Path, out: Path, **changes) -> Path:
+    """A copy of a run directory whose recorded config differs in ``changes`` ("section__key": value)."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(run, out)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        cfg[section][key] = value
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def test_eval_refuses_unlike_histories_and_runs_each_guidance_scale(runs, tmp_path, capsys):
+    from scd_train.eval.cli import main
+
+    scd = run_variant(runs["scd"], tmp_path / "scd", diffusion__eval_cfg_scales=[1.5, 1.0])
+    dense = run_variant(runs["dense"], tmp_path / "dense", model__encoder_input="clean")
+    args = ["--scd", str(scd), "--baseline", str(dense), *SMALL_PROTOCOL, "--clips", "2", "--trajectories", "1",
+            "--unroll", "2", "--sheet-clips", "0", "--wandb", "disabled"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{scd} trained on noisy history but {dense} trained on clean history" in err
+    assert "--allow-mixed-history" in err
+    out = tmp_path / "eval"
+    assert main([*args, "--allow-mixed-history", "--out", str(out)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert list(result["models"]) == ["scd@cfg1.5", "scd@cfg1", "baseline"]
+    assert result["history"] == {"scd@cfg1.5": "noisy", "scd@cfg1": "noisy", "baseline": "clean"}
+    assert [result["models"][n]["sampler"]["cfg_scale"] for n in result["models"]] == [1.5, 1.0, 1.0]
+    assert result["models"]["scd@cfg1.5"]["metrics"] != result["models"]["scd@cfg1"]["metrics"]
+
+
 def test_probe_cli_on_the_dense_run(runs, tmp_path, capsys):
     from scd_train.eval.probe_cli import main
 

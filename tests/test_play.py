@@ -38,11 +38,14 @@ CONTEXT = 4
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Three tiny runs trained for two steps (plumbing, not quality): SCD with the four digit actions,
-    SCD without actions (and a short max_frames), and the dense baseline."""
+    """Four tiny runs trained for two steps (plumbing, not quality): SCD with the four digit actions,
+    SCD without actions (and a short max_frames), the dense baseline, and SCD with an encoder window
+    (and the same short max_frames)."""
     root = tmp_path_factory.mktemp("play-runs")
     variants = {"scd": [], "no_actions": ["model.num_actions=0", f"model.max_frames={NO_ACTIONS_MAX_FRAMES}"],
-                "dense": ["model.arch=causal_dit"]}
+                "dense": ["model.arch=causal_dit"],
+                "windowed": ["model.encoder_window=2", "model.encoder_sink_frames=1",
+                             f"model.max_frames={NO_ACTIONS_MAX_FRAMES}"]}
     for name, extra in variants.items():
         assert train.main(["--config", "configs/tiny.yaml", *SMALL, *extra, f"train.run_dir={root / name}"]) == 0
     return {name: root / name for name in variants}
@@ -80,6 +83,25 @@ def test_a_run_without_an_encoder_window_stops_at_max_frames_until_reset(runs):
         session.tick(None)
     session.reset()
     assert session.tick(None).index == CONTEXT
+
+
+def test_a_windowed_run_plays_past_max_frames_at_constant_cache_memory(runs, tmp_path, capsys):
+    session = PlaySession(runs["windowed"], PlayOptions(steps=1, context_frames=CONTEXT))
+    assert session.endless and session.frames_left is None
+    session.reset()
+    session.tick(0)  # the cache takes its storage at the first write
+    cache = session.panels[0].stream.cache
+    storage = [(t.data_ptr(), t.numel()) for t in (cache.keys, cache.values)]
+    played = [session.tick(i % 4) for i in range(3 * NO_ACTIONS_MAX_FRAMES)]
+    assert played[-1].index == CONTEXT + 3 * NO_ACTIONS_MAX_FRAMES > NO_ACTIONS_MAX_FRAMES
+    assert session.panels[0].stream.cache is cache  # the ring is overwritten in place, never reallocated
+    assert [(t.data_ptr(), t.numel()) for t in (cache.keys, cache.values)] == storage
+    session.close()
+    out = tmp_path / "long.mp4"
+    assert cli.main([str(runs["windowed"]), "--script", f"idle*{2 * NO_ACTIONS_MAX_FRAMES}", "--steps", "1",
+                     "--out", str(out)]) == 0
+    assert len(read_mp4(out)) == 1 + 2 * NO_ACTIONS_MAX_FRAMES
+    assert f"{2 * NO_ACTIONS_MAX_FRAMES} frames" in capsys.readouterr().out
 
 
 def test_script_plays_through_the_session_tick_and_writes_the_video(runs, tmp_path, capsys):

@@ -17,12 +17,15 @@ checkpoints (state dict keys) and the eager path are untouched.
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from scd_train.errors import ScdWarning
 from scd_train.models.block import StepConditioning, StepsConditioning
 
 LOOP_MODES = ("auto", "on", "off")
@@ -41,6 +44,13 @@ def resolve_loop(mode: str, device: torch.device) -> str:
     if mode not in LOOP_MODES:
         raise ValueError(f"decoder loop mode {mode!r}: expected one of {', '.join(LOOP_MODES)}")
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return "eager"
+    if device.type == "cpu" and os.environ.get("ATEN_CPU_CAPABILITY"):
+        # torch 2.14's inductor emits CPU code that returns NaN for this loop when the ATen kernels'
+        # instruction set is pinned below the CPU's (seen with avx2 on an AVX-512 machine)
+        warnings.warn(f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} is set: the decoder loop runs "
+                      "eagerly on this CPU (compiled code is unreliable with a pinned kernel instruction set); "
+                      "unset it to compile", ScdWarning, stacklevel=2)
         return "eager"
     return "graph" if device.type == "cuda" and torch.cuda.is_available() else "compile"
 

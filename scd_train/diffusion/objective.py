@@ -62,8 +62,9 @@ class FlowObjective:
                                      x0.device)
         clean = sample_clean_mask(batch, frames, cfg.clean_context_ratio, x0.device)
         timesteps = clean_timesteps_where(timesteps, clean)
-        if cfg.reference_bf16_inputs:
-            timesteps = timesteps.bfloat16().float()
+        # with bf16 latents (reference_bf16_inputs) the noise, the noise level and the noisy frames
+        # are bf16 too, as in the release; the model's timestep embedding rounds separately
+        # (model.reference_bf16_timesteps)
         noise = torch.randn_like(x0)
         noisy = add_noise(x0, noise, sigmas_from_timesteps(timesteps, cfg.num_train_timesteps).to(x0.dtype))
         return NoiseDraw(timesteps, clean, noise, noisy)
@@ -90,7 +91,7 @@ class SCDObjective(FlowObjective):
         context_index = (clip_base + targets[None] - 1).expand(k, -1, -1).flatten()
         decoder_actions = None
         if actions is not None:
-            decoder_actions = actions[:, targets].expand(k, -1, -1).flatten()
+            decoder_actions = self.decoder_actions(actions, targets, k).flatten()
         pred = model(
             encoder_in, next_frame_actions(actions) if actions is not None else None,
             per_draw("noisy"), per_draw("timesteps"), decoder_actions, context_index)
@@ -100,9 +101,20 @@ class SCDObjective(FlowObjective):
         loss_mask = ~per_draw("clean").view(k * batch, len(targets))
         return LossOutput(masked_clip_mean(frame_loss, loss_mask), loss_mask.float().mean())
 
+    def decoder_actions(self, actions: Tensor, targets: Tensor, draws: int) -> Tensor:
+        """(K, B, W) action of each decoder sample: target frame t's own action, except in the first
+        draw under ``reference_first_pass_next_action``, where it is the encoder's action t+1."""
+        own = actions[:, targets]
+        if not self.cfg.reference_first_pass_next_action:
+            return own.expand(draws, -1, -1)
+        shifted = next_frame_actions(actions)[:, targets]
+        return torch.stack([shifted] + [own] * (draws - 1))
+
 
 class CausalDiTObjective(FlowObjective):
-    """Diffusion-forcing style: every frame noised at its own level under the frame-causal mask.
+    """Every frame noised at its own level; the history each frame reads is ``model.encoder_input``:
+    the noised frames before it under the frame-causal mask (diffusion forcing, "noisy") or a clean
+    copy of them (teacher forcing, "clean").
 
     ``decoder_multi_batch`` K repeats the clip K times with fresh noise, so both models see the same
     number of noise draws per clip.
@@ -116,7 +128,12 @@ class CausalDiTObjective(FlowObjective):
         frames = x0.shape[1]
         targets = list(target_frame_indices(frames, self.cfg.target_window))
         draw = self.draw(x0)
-        pred = model(draw.noisy, draw.timesteps, actions)
+        # noisy history: the noised clip attends to itself frame-causally (diffusion forcing);
+        # clean history: each noisy frame attends to a clean copy of the frames before it
+        if self.model_cfg.encoder_input == "clean":
+            pred = model(draw.noisy, draw.timesteps, actions, clean_history=x0)
+        else:
+            pred = model(draw.noisy, draw.timesteps, actions)
         target = velocity_target(x0, draw.noise)
         frame_loss = per_frame_mse(pred[:, targets], target[:, targets], frame_dims=2)
         loss_mask = ~draw.clean[:, targets]

@@ -387,9 +387,12 @@ class CausalDiTStream:
 @dataclass
 class Rollout:
     frames: Tensor  # (B, context + unroll, C, H, W), context included
+    # the first frame with the prefill included: the dense baseline does its context pass in
+    # ``prefill``, SCD in its first ``next_frame``, so only the sum compares like with like
     first_frame_seconds: float
     frame_seconds: list[float] = field(default_factory=list)  # every generated frame, first included
     counts: CallCounts = field(default_factory=CallCounts)
+    prefill_seconds: float = 0.0  # the ``prefill`` call alone
 
     @property
     def steady_frame_seconds(self) -> float:
@@ -419,7 +422,10 @@ def generate(model, context: Tensor, actions: Tensor | None, unroll: int, settin
     check_rollout_length(model, num_context, unroll)
     stream = new_stream(model, settings, batch, num_context + unroll - 1, generator)
     stream.warm_up()  # compilation, if any, stays out of the timed frames
+    start = time.perf_counter()
     stream.prefill(context, None if actions is None else actions[:, :num_context])
+    synchronize(stream.device)
+    prefill_seconds = time.perf_counter() - start
     frames, seconds = [], []
     for i in range(unroll):
         action = None if actions is None else actions[:, num_context + i].to(stream.device)
@@ -428,4 +434,5 @@ def generate(model, context: Tensor, actions: Tensor | None, unroll: int, settin
         synchronize(stream.device)
         seconds.append(time.perf_counter() - start)
     out = torch.cat([context.to(stream.device).float(), torch.stack(frames, dim=1)], dim=1)
-    return Rollout(out, seconds[0] if seconds else 0.0, seconds, stream.counts)
+    first = prefill_seconds + (seconds[0] if seconds else 0.0)
+    return Rollout(out, first, seconds, stream.counts, prefill_seconds)

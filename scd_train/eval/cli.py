@@ -15,13 +15,17 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from scd_train.cli import command
-from scd_train.config import to_dict
+from scd_train.config import Config, to_dict
 from scd_train.errors import InputError, ScdWarning
 from scd_train.eval.protocol import PRESETS, EvalProtocol, build_protocol
+
+if TYPE_CHECKING:
+    from scd_train.eval.evaluate import Candidate
 
 PROTOCOL_FLAGS = ("context", "unroll", "trajectories", "clips", "batch_clips", "steps", "cfg_scale", "seed",
                   "compat", "mp4_crf", "horizons", "compile")
@@ -37,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scd", type=Path, help="SCD run directory or exported .safetensors")
     p.add_argument("--baseline", type=Path, help="dense baseline run directory or exported .safetensors")
     p.add_argument("--raw", action="store_true", help="use raw weights instead of the EMA")
+    p.add_argument("--allow-mixed-history", action="store_true",
+                   help="compare models trained on different kinds of history (model.encoder_input)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="tiny; minecraft (the paper's settings); minecraft-official (plus the reference quirks)")
     defaults = EvalProtocol()
@@ -95,11 +101,33 @@ def load_candidates(args: argparse.Namespace, protocol: EvalProtocol):
             raise EvalInputError(f"{source}: context + unroll = {protocol.frames} frames exceed its "
                                  f"model.max_frames={cfg.model.max_frames} (it has no model.encoder_window "
                                  "to stream past it)")
-        candidates.append(Candidate(name, model, cfg, str(source)))
+        scales = guidance_scales(cfg, protocol)
+        for scale in scales:
+            label = name if len(scales) == 1 else f"{name}@cfg{scale:g}"
+            candidates.append(Candidate(label, model, cfg, str(source), scale))
+    check_same_history(candidates, args.allow_mixed_history)
     shapes = {(c.cfg.model.latent_channels, c.cfg.model.latent_height, c.cfg.model.latent_width) for c in candidates}
     if len(shapes) > 1:
         raise EvalInputError(f"the models expect different latent shapes {sorted(shapes)}; they cannot share clips")
     return candidates
+
+
+def guidance_scales(cfg: Config, protocol: EvalProtocol) -> list[float]:
+    """--cfg-scale when given, else the run's diffusion.eval_cfg_scales, else its cfg_scale."""
+    if protocol.cfg_scale is not None:
+        return [protocol.cfg_scale]
+    return list(cfg.diffusion.eval_cfg_scales or [cfg.diffusion.cfg_scale])
+
+
+def check_same_history(candidates: list[Candidate], allow_mixed: bool) -> None:
+    """A side by side is like for like only if both models read the same kind of history in training."""
+    kinds = {}
+    for cand in candidates:
+        kinds.setdefault(cand.history, cand.source)
+    if len(kinds) > 1 and not allow_mixed:
+        described = " but ".join(f"{source} trained on {kind} history" for kind, source in kinds.items())
+        raise EvalInputError(f"{described} (model.encoder_input); retrain one so both match, or pass "
+                             "--allow-mixed-history to compare them anyway")
 
 
 def default_out(source: Path) -> Path:

@@ -34,6 +34,13 @@ class Candidate:
     model: nn.Module
     cfg: Config
     source: str = ""
+    # Guidance scale this entry samples at; None: the protocol's, else the model's diffusion.cfg_scale.
+    cfg_scale: float | None = None
+
+    @property
+    def history(self) -> str:
+        """The kind of history the model read in training (model.encoder_input)."""
+        return self.cfg.model.encoder_input
 
 
 @dataclass
@@ -44,10 +51,13 @@ class FeatureNetworks:
     fvd: VideoFeatures | None = None
 
 
-def sampler_settings(cfg: Config, protocol: EvalProtocol) -> SamplerSettings:
-    """The model's own sampling defaults with the protocol's overrides. The dense baseline has no
-    encoder context to perturb, so its guidance is always the null-action kind."""
-    return settings_from_config(cfg.diffusion, protocol.steps, protocol.cfg_scale,
+def sampler_settings(cfg: Config, protocol: EvalProtocol, cfg_scale: float | None = None) -> SamplerSettings:
+    """The model's own sampling defaults with the protocol's overrides (``cfg_scale``, when given,
+    wins over both). The dense baseline has no encoder context to perturb, so its guidance is
+    always the null-action kind."""
+    if cfg_scale is None:
+        cfg_scale = protocol.cfg_scale
+    return settings_from_config(cfg.diffusion, protocol.steps, cfg_scale,
                                 cfg.diffusion.cfg_mode if cfg.model.arch == "scd" else "action", protocol.compile)
 
 
@@ -136,7 +146,8 @@ class ModelTally:
         out["timing"] = {
             "first_frame_seconds": float(np.median(self.first_frame_seconds)),
             "steady_frame_seconds": float(np.median(self.steady_frame_seconds)),
-            "note": "median over rollout batches; each batch generates batch_clips * trajectories videos at once",
+            "note": "median over rollout batches; each batch generates batch_clips * trajectories videos at once; "
+                    "the first frame includes the context prefill for every model",
         }
         if self.settings is not None:
             out["sampler"] = vars(self.settings).copy()
@@ -182,13 +193,14 @@ class EvalRun:
     tallies: dict[str, ModelTally]
     sheet: SheetFrames
     sources: dict[str, str]
+    histories: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         import dataclasses
 
         return {"protocol": dataclasses.asdict(self.protocol), "psnr_cap_db": PSNR_CAP_DB,
                 "clips_evaluated": len(self.keys), "clips": self.keys,
-                "sources": self.sources,
+                "sources": self.sources, "history": self.histories,
                 "models": {name: t.summary(self.protocol.official) for name, t in self.tallies.items()}}
 
 
@@ -199,8 +211,8 @@ def rollout_pixels(candidate: Candidate, latents: Tensor, actions: Tensor | None
     context = latents[:, :protocol.context].repeat_interleave(k, dim=0).to(device)
     acts = None if actions is None else actions.repeat_interleave(k, dim=0).to(device)
     generator = torch.Generator(device=device).manual_seed(protocol.seed + batch_index)
-    rollout = generate(candidate.model, context, acts, protocol.unroll, sampler_settings(candidate.cfg, protocol),
-                       generator)
+    rollout = generate(candidate.model, context, acts, protocol.unroll,
+                       sampler_settings(candidate.cfg, protocol, candidate.cfg_scale), generator)
     pixels = decode(rollout.frames.cpu())
     return pixels.unflatten(0, (latents.shape[0], k)), rollout
 
@@ -224,7 +236,7 @@ def evaluate(candidates: list[Candidate], clips: Iterable[EvalClip], decode: Dec
         for cand in candidates:
             samples, rollout = rollout_pixels(cand, latents, actions, protocol, decode, index, device)
             tally = tallies[cand.name]
-            tally.settings = sampler_settings(cand.cfg, protocol)
+            tally.settings = sampler_settings(cand.cfg, protocol, cand.cfg_scale)
             tally.add(truth, samples, protocol, nets)
             tally.add_timing(rollout)
             sheet.add_samples(cand.name, samples)
@@ -232,4 +244,5 @@ def evaluate(candidates: list[Candidate], clips: Iterable[EvalClip], decode: Dec
             progress(len(keys))
     if not keys:
         raise InputError("no evaluation clips: the held-out data yielded nothing")
-    return EvalRun(protocol, keys, tallies, sheet, {c.name: c.source for c in candidates})
+    return EvalRun(protocol, keys, tallies, sheet, {c.name: c.source for c in candidates},
+                   {c.name: c.history for c in candidates})

@@ -56,12 +56,14 @@ def encoder_forward(m: ModelConfig, new_frames: int, cached_frames: int = 0) -> 
 
 def decoder_forward(m: ModelConfig, samples: int) -> float:
     n = tokens_per_frame(m)
-    group = 2 if m.fusion == "token_concat" else 1
+    group = 2 if m.fusion in ("token_concat", "token_concat_with_proj") else 1
     tokens = group * n
     per_sample = m.decoder_layers * block_flops(m, tokens, 1, tokens * tokens)
     per_sample += _embed_and_head(m, n, 1, with_projection=True)
     if m.fusion == "channel_concat":
         per_sample += 2 * n * 2 * m.width * m.width
+    if m.fusion == "token_concat_with_proj":  # the alignment Linear on the context tokens
+        per_sample += 2 * n * m.width * m.width
     return samples * per_sample
 
 
@@ -70,6 +72,16 @@ def causal_dit_forward(m: ModelConfig, new_frames: int, cached_frames: int = 0) 
     tokens = new_frames * n
     per_block = block_flops(m, tokens, new_frames, causal_pairs(new_frames, cached_frames, n, m))
     return m.layers * per_block + _embed_and_head(m, tokens, new_frames, with_projection=True)
+
+
+def causal_dit_teacher_forced_forward(m: ModelConfig, frames: int) -> float:
+    """A teacher-forced pass: clean and noisy copies of ``frames`` frames, twice the tokens. Noisy
+    frame t attends to t clean frames and itself, as many pairs as the clean copy's causal mask."""
+    n = tokens_per_frame(m)
+    tokens = frames * n
+    per_block = block_flops(m, 2 * tokens, 2 * frames, 2 * causal_pairs(frames, 0, n))
+    clean_embed = 2 * tokens * m.latent_channels * m.patch_size**2 * m.width  # the head runs on the noisy copy
+    return m.layers * per_block + _embed_and_head(m, tokens, frames, with_projection=True) + clean_embed
 
 
 @dataclass
@@ -92,7 +104,9 @@ def train_step_flops(cfg: Config, clip_frames: int | None = None) -> StepFlops:
         enc = 3 * clips * encoder_forward(m, frames)
         dec = 3 * clips * decoder_forward(m, d.decoder_multi_batch * targets)
         return StepFlops(enc, dec)
-    return StepFlops(3 * clips * d.decoder_multi_batch * causal_dit_forward(m, frames), 0.0)
+    forward = (causal_dit_teacher_forced_forward(m, frames) if m.encoder_input == "clean"
+               else causal_dit_forward(m, frames))
+    return StepFlops(3 * clips * d.decoder_multi_batch * forward, 0.0)
 
 
 def generated_frame_flops(m: ModelConfig, context_frames: int, steps: int, guided: bool) -> StepFlops:

@@ -29,6 +29,7 @@ rotations (``RingKVCache``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Union
 
@@ -184,6 +185,54 @@ def build_frame_causal_mask(
             raise RuntimeError("model.attention='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
         return _flex_block_mask(num_q_frames, num_kv_frames, tokens_per_frame, str(device), window)
     return frame_block_causal_mask(num_q_frames, num_kv_frames, tokens_per_frame, device, window)
+
+
+def teacher_forcing_mask(num_frames: int, tokens_per_frame: int, device: torch.device | None = None) -> Tensor:
+    """Boolean (2L, 2L) mask over [clean frames ; noisy frames] of one clip, L = F*N tokens.
+
+    Clean frame t sees clean frames <= t (the frame-causal mask); noisy frame t sees clean frames
+    < t and its own tokens, never its own clean copy, other noisy frames or anything later.
+    """
+    frame = torch.arange(2 * num_frames * tokens_per_frame, device=device) // tokens_per_frame
+    noisy = frame >= num_frames
+    index = torch.where(noisy, frame - num_frames, frame)
+    return _teacher_forced(noisy[:, None], index[:, None], noisy[None, :], index[None, :])
+
+
+def _teacher_forced(q_noisy: Tensor, q_index: Tensor, k_noisy: Tensor, k_index: Tensor) -> Tensor:
+    earlier_clean = ~k_noisy & ((k_index < q_index) | (~q_noisy & (k_index == q_index)))
+    own_frame = q_noisy & k_noisy & (k_index == q_index)
+    return earlier_clean | own_frame
+
+
+def teacher_forcing_mask_mod(num_frames: int, tokens_per_frame: int) -> Callable[..., Tensor]:
+    """The same rule as ``teacher_forcing_mask`` as a FlexAttention mask_mod."""
+
+    def teacher_forced(b, h, q_idx, kv_idx):
+        q_frame, k_frame = q_idx // tokens_per_frame, kv_idx // tokens_per_frame
+        q_noisy, k_noisy = q_frame >= num_frames, k_frame >= num_frames
+        q_index = torch.where(q_noisy, q_frame - num_frames, q_frame)
+        k_index = torch.where(k_noisy, k_frame - num_frames, k_frame)
+        return _teacher_forced(q_noisy, q_index, k_noisy, k_index)
+
+    return teacher_forced
+
+
+@functools.lru_cache(maxsize=32)
+def _flex_teacher_forcing_mask(num_frames: int, tokens_per_frame: int, device_str: str):
+    length = 2 * num_frames * tokens_per_frame
+    return create_block_mask(teacher_forcing_mask_mod(num_frames, tokens_per_frame), None, None, length, length,
+                             device=device_str)
+
+
+def build_teacher_forcing_mask(num_frames: int, tokens_per_frame: int, device: torch.device,
+                               backend: str) -> AttentionMask:
+    """The mask object for a teacher-forced pass over [clean frames ; noisy frames]."""
+    if backend == "flex" or (backend == "auto" and flex_available(device)):
+        if create_block_mask is None:
+            raise RuntimeError("model.attention='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+        return _flex_teacher_forcing_mask(num_frames, tokens_per_frame, str(device))
+    return teacher_forcing_mask(num_frames, tokens_per_frame, device)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:

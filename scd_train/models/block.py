@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from scd_train.models.attention import AttentionMask, KVCache, RingKVCache, SinkCopies, attend
-from scd_train.models.layers import gate_terms, modulate_terms, modulation_terms
+from scd_train.models.layers import gate_terms, modulate_terms, modulation_terms, xavier_uniform_blocks_
 from scd_train.models.rope import apply_rotary
 
 
@@ -127,7 +127,16 @@ class DiTBlock(nn.Module):
         return q, k, v
 
     @torch.no_grad()
-    def zero_init_modulation(self) -> None:
+    def init_weights(self) -> None:
+        """The release's initialisation, run after Xavier on every linear of the model.
+
+        q, k and v are stored fused as one 3D x D matrix, but the release has three D x D
+        projections: Xavier over the fused matrix would give each of them 1/sqrt(2) of the
+        release's std, so each D x D block is initialised on its own. adaLN-Zero modulation
+        starts at zero, so every block starts as the identity.
+        """
+        xavier_uniform_blocks_(self.qkv.weight, 3)
+        nn.init.zeros_(self.qkv.bias)
         for layer in (self.attn_modulation, self.mlp_modulation):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)

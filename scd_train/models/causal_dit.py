@@ -17,10 +17,12 @@ from scd_train.models.attention import (
     RingKVCache,
     SinkCopies,
     build_frame_causal_mask,
+    build_teacher_forcing_mask,
     new_kv_cache,
 )
 from scd_train.models.block import BlockContext, DiTBlock, StepConditioning, StepsConditioning
 from scd_train.models.layers import (
+    CLEAN_TIMESTEP,
     ActionEmbedding,
     AdaptiveOutputNorm,
     PatchEmbed,
@@ -39,7 +41,7 @@ class CausalDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg.latent_channels, cfg.patch_size, cfg.width)
-        self.time_embed = TimestepEmbedding(cfg.width)
+        self.time_embed = TimestepEmbedding(cfg.width, cfg.reference_bf16_timesteps)
         self.action_embed = (ActionEmbedding(cfg.num_actions, cfg.width, cfg.action_dropout)
                              if cfg.num_actions > 0 else None)
         self.blocks = nn.ModuleList(
@@ -48,7 +50,7 @@ class CausalDiT(nn.Module):
         self.proj_out = nn.Linear(cfg.width, cfg.latent_channels * cfg.patch_size**2)
         self.window = AttentionWindow.of(cfg)  # the same window option as SCD's encoder
         self.rotary = RotaryTables(cfg.rope_axes, cfg.rope_theta, cfg.latent_height // cfg.patch_size,
-                                   cfg.latent_width // cfg.patch_size)
+                                   cfg.latent_width // cfg.patch_size, cfg.reference_bf16_rope)
         self.reset_parameters()
 
     @property
@@ -60,7 +62,7 @@ class CausalDiT(nn.Module):
         init_linear_xavier(self)
         init_conditioning(self.time_embed, self.action_embed)
         for block in self.blocks:
-            block.zero_init_modulation()
+            block.init_weights()
         zero_(self.output_norm.modulation)
         zero_(self.proj_out)
 
@@ -88,16 +90,22 @@ class CausalDiT(nn.Module):
 
     def forward(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None = None,
                 kv_cache: KVCache | RingKVCache | None = None, frame_offset: int = 0, commit: bool = True,
-                conditioning: StepConditioning | None = None) -> Tensor:
+                conditioning: StepConditioning | None = None, clean_history: Tensor | None = None) -> Tensor:
         """Velocity (B, F, C, H, W) for frames (B, F, C, H, W) at per-frame ``timesteps`` (B, F).
 
         Frame t carries its own action t. With a KV cache, ``latents`` follow the cached frames;
         ``commit=False`` attends to the cache without keeping the new keys (a denoising step).
         ``conditioning`` (from ``step_conditioning``) replaces ``timesteps`` and ``actions``.
+
+        ``clean_history`` (B, F, C, H, W) trains with teacher forcing: the clean frames run beside
+        the noisy ones at the clean label, with the same actions and positions, and noisy frame t
+        reads clean frames < t instead of the noisy ones (see ``teacher_forcing_mask``).
         """
         batch, frames = latents.shape[:2]
         if not isinstance(kv_cache, RingKVCache) and frame_offset + frames > self.cfg.max_frames:
             raise ValueError(f"{frame_offset + frames} frames exceed model.max_frames={self.cfg.max_frames}")
+        if clean_history is not None:
+            return self._teacher_forced(latents, timesteps, actions, clean_history, frame_offset, kv_cache)
         n = self.tokens_per_frame
         if conditioning is None:
             cond_act, modulation, output_terms = self.conditioning(timesteps, actions), None, None
@@ -121,6 +129,35 @@ class CausalDiT(nn.Module):
                     kv_cache.advance(count * n)
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         x = self.output_norm(x, cond_act, n, terms=output_terms)
+        return unpatchify(self.proj_out(x), frames, self.cfg.latent_channels, self.cfg.latent_height,
+                          self.cfg.latent_width, self.cfg.patch_size)
+
+    def _teacher_forced(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None, clean_history: Tensor,
+                        frame_offset: int, kv_cache) -> Tensor:
+        """One training pass over [clean frames ; noisy frames] under the teacher-forcing mask."""
+        if kv_cache is not None:
+            raise ValueError("clean_history is for training passes over whole clips; it takes no KV cache")
+        if self.window.bounded:
+            raise ValueError("teacher forcing (clean_history) has no windowed mask; train the windowed dense "
+                             "baseline with model.encoder_input='noisy'")
+        batch, frames = latents.shape[:2]
+        n = self.tokens_per_frame
+        both = torch.cat([clean_history.to(latents.dtype), latents], dim=1)
+        cond = self.time_embed(torch.cat([torch.full_like(timesteps, CLEAN_TIMESTEP), timesteps], dim=1))
+        if self.action_embed is not None:
+            if actions is None:
+                actions = torch.full((batch, frames), self.action_embed.null_id, device=latents.device,
+                                     dtype=torch.long)
+            action_emb = self.action_embed(actions)  # one dropout draw per frame, shared by both copies
+            cond = cond + torch.cat([action_emb, action_emb], dim=1)
+        cond_act = silu(cond)
+        cos, sin = self.rotary.frames(frame_offset, frames, latents.device)  # both copies share positions
+        mask = build_teacher_forcing_mask(frames, n, latents.device, self.cfg.attention)
+        ctx = BlockContext(cond_act, n, (cos.repeat(2, 1), sin.repeat(2, 1)), mask)
+        x = self.patch_embed(both)
+        for index, block in enumerate(self.blocks):
+            x = block(x, ctx, index)
+        x = self.output_norm(x[:, -frames * n:], cond_act[:, -frames:], n)
         return unpatchify(self.proj_out(x), frames, self.cfg.latent_channels, self.cfg.latent_height,
                           self.cfg.latent_width, self.cfg.patch_size)
 

@@ -32,10 +32,13 @@ class FrameDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg.latent_channels, cfg.patch_size, cfg.width)
-        self.time_embed = TimestepEmbedding(cfg.width)
+        self.time_embed = TimestepEmbedding(cfg.width, cfg.reference_bf16_timesteps)
         self.action_embed = (ActionEmbedding(cfg.num_actions, cfg.width, cfg.action_dropout)
                              if cfg.num_actions > 0 else None)
         self.fuse = nn.Linear(2 * cfg.width, cfg.width) if cfg.fusion == "channel_concat" else None
+        # token_concat_with_proj: LayerNorm + Linear on the context tokens before they join the sequence
+        self.context_align = (nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, cfg.width))
+                              if cfg.fusion == "token_concat_with_proj" else None)
         self.blocks = nn.ModuleList(
             DiTBlock(cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.decoder_layers))
         self.output_norm = AdaptiveOutputNorm(cfg.width)
@@ -53,12 +56,17 @@ class FrameDecoder(nn.Module):
         init_linear_xavier(self)
         init_conditioning(self.time_embed, self.action_embed)
         for block in self.blocks:
-            block.zero_init_modulation()
+            block.init_weights()
         zero_(self.output_norm.modulation)
         zero_(self.proj_out)
         if self.fuse is not None:
             eye = torch.eye(self.cfg.width)
             self.fuse.weight.copy_(torch.cat([eye, eye], dim=1))  # starts as context + noisy
+        if self.context_align is not None:
+            # as in the release: a unit LayerNorm and a zero Linear, so the decoder starts from zero
+            # context tokens and learns how much of the encoder's output to let in
+            self.context_align[0].reset_parameters()
+            zero_(self.context_align[1])
 
     def conditioning(self, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
         """SiLU'd conditioning (..., 1, D) of timesteps (...) and actions (...): one "frame" per sample."""
@@ -103,7 +111,9 @@ class FrameDecoder(nn.Module):
 
     def _fuse(self, context: Tensor, noisy_tokens: Tensor) -> tuple[Tensor, int]:
         """Fused token sequence and how many N-token groups it holds."""
-        if self.cfg.fusion == "token_concat":
+        if self.cfg.fusion in ("token_concat", "token_concat_with_proj"):
+            if self.context_align is not None:
+                context = self.context_align(context)
             return torch.cat([context, noisy_tokens], dim=1), 2
         if self.cfg.fusion == "add":
             return context + noisy_tokens, 1

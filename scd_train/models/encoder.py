@@ -45,7 +45,7 @@ class CausalEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg.latent_channels, cfg.patch_size, cfg.width)
-        self.time_embed = TimestepEmbedding(cfg.width)
+        self.time_embed = TimestepEmbedding(cfg.width, cfg.reference_bf16_timesteps)
         self.action_embed = (ActionEmbedding(cfg.num_actions, cfg.width, cfg.action_dropout)
                              if cfg.num_actions > 0 else None)
         self.blocks = nn.ModuleList(
@@ -53,7 +53,7 @@ class CausalEncoder(nn.Module):
         self.output_norm = AdaptiveOutputNorm(cfg.width)
         self.window = AttentionWindow.of(cfg)
         self.rotary = RotaryTables(cfg.rope_axes, cfg.rope_theta, cfg.latent_height // cfg.patch_size,
-                                   cfg.latent_width // cfg.patch_size)
+                                   cfg.latent_width // cfg.patch_size, cfg.reference_bf16_rope)
         self.reset_parameters()
 
     @property
@@ -65,7 +65,7 @@ class CausalEncoder(nn.Module):
         init_linear_xavier(self)
         init_conditioning(self.time_embed, self.action_embed)
         for block in self.blocks:
-            block.zero_init_modulation()
+            block.init_weights()
         zero_(self.output_norm.modulation)
 
     def conditioning(self, actions: Tensor | None, batch: int, frames: int, device: torch.device) -> Tensor:

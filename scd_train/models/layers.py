@@ -29,11 +29,19 @@ def sinusoidal_timestep_features(timesteps: Tensor, channels: int = TIME_FREQ_CH
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, width: int) -> None:
+    """Sinusoidal features of the timestep, then a 2-layer MLP.
+
+    ``bf16_timesteps`` reproduces the release, which casts timesteps to bf16 before the features.
+    """
+
+    def __init__(self, width: int, bf16_timesteps: bool = False) -> None:
         super().__init__()
+        self.bf16_timesteps = bf16_timesteps
         self.mlp = nn.Sequential(nn.Linear(TIME_FREQ_CHANNELS, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, timesteps: Tensor) -> Tensor:
+        if self.bf16_timesteps:
+            timesteps = timesteps.to(torch.bfloat16)
         features = sinusoidal_timestep_features(timesteps)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
@@ -144,6 +152,18 @@ def init_linear_xavier(module: nn.Module) -> None:
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def xavier_uniform_blocks_(weight: Tensor, num_blocks: int) -> None:
+    """Xavier-uniform on each of ``num_blocks`` row blocks of a fused weight, as separate layers.
+
+    A fused (num_blocks * out, in) matrix would otherwise get the bounds of one wide layer, whose
+    larger fan-out shrinks every block's std.
+    """
+    if weight.shape[0] % num_blocks:
+        raise ValueError(f"a weight of {weight.shape[0]} rows does not split into {num_blocks} blocks")
+    for block in weight.chunk(num_blocks, dim=0):
+        nn.init.xavier_uniform_(block)
 
 
 def zero_(linear: nn.Linear) -> None:

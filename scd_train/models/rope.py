@@ -21,6 +21,12 @@ def token_positions(
     return torch.stack(grid, dim=-1).reshape(-1, 3)
 
 
+def round_through_bf16(positions: Tensor) -> Tensor:
+    """Positions as the official release computes them, held in bf16: integers above 256 lose
+    their low bits (257 -> 256, 259 -> 260), the ones below are exact."""
+    return positions.to(torch.bfloat16).to(positions.dtype)
+
+
 def rope_angles(positions: Tensor, axes_dim: list[int], theta: float) -> tuple[Tensor, Tensor]:
     """cos and sin of shape (L, head_dim/2) for ``positions`` of shape (L, 3)."""
     parts = []
@@ -58,8 +64,10 @@ class RotaryTables:
     buffer, so no wrapper shards, casts or checkpoints it.
     """
 
-    def __init__(self, axes_dim: list[int], theta: float, rows: int, cols: int) -> None:
+    def __init__(self, axes_dim: list[int], theta: float, rows: int, cols: int, bf16_positions: bool = False) -> None:
         self.axes_dim, self.theta, self.rows, self.cols = list(axes_dim), theta, rows, cols
+        # model.reference_bf16_rope: the release holds token positions in bf16 (see round_through_bf16)
+        self.bf16_positions = bf16_positions
         self._frames: dict[str, tuple[Tensor, Tensor]] = {}
         self._shifts: dict[tuple, tuple[Tensor, Tensor]] = {}
 
@@ -101,6 +109,8 @@ class RotaryTables:
         # runs under inference_mode, so a later training step may use them.
         with torch.inference_mode(False), torch.no_grad():
             positions = token_positions(0, num_frames, self.rows, self.cols, device)
+            if self.bf16_positions:
+                positions = round_through_bf16(positions)
             return _interleaved(*rope_angles(positions, self.axes_dim, self.theta))
 
 
