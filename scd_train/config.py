@@ -107,6 +107,10 @@ class DiffusionConfig:
     reference_first_pass_next_action: bool = False
     # Sampling defaults (scd-sample and evaluation can override them).
     sample_steps: int = 50
+    # Euler noise levels: "release" (linear from 1 down to 1/T, then a last step to 0, as the
+    # official sampler) or "uniform" (sample_steps equal intervals from 1 to 0; few-step students
+    # from scd-distill are trained on it, so none of their steps is spent on the interval 1/T -> 0).
+    sample_schedule: Literal["release", "uniform"] = "release"
     cfg_scale: float = 1.0
     # "decoder": unconditional branch = encoder context with fresh noise; "action": null actions.
     cfg_mode: Literal["decoder", "action"] = "decoder"
@@ -297,6 +301,33 @@ class PrecisionConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Few-step distillation of a trained run (``scd-distill``); an ordinary training run leaves
+    ``teacher`` null. The student is sampled with ``diffusion.sample_steps`` Euler steps."""
+
+    # "trajectory": each of the student's Euler steps regresses the teacher's ODE solution over the
+    # same noise interval (integrated with teacher_steps / sample_steps teacher Euler steps).
+    method: Literal["trajectory"] = "trajectory"
+    # The teacher: a run directory or an EMA export (.safetensors); its EMA weights are used.
+    teacher: str | None = None
+    # The teacher checkpoint the weights were read from (resolved and recorded at start).
+    teacher_checkpoint: str | None = None
+    # The teacher's Euler steps over the whole noise range; null: its diffusion.sample_steps.
+    teacher_steps: int | None = None
+    # Guidance of the teacher's velocity (the student learns the guided flow and samples without
+    # guidance); null: the teacher run's diffusion.cfg_scale / cfg_mode.
+    teacher_cfg_scale: float | None = None
+    teacher_cfg_mode: Literal["decoder", "action"] | None = None
+    # Train on the student's own rollouts: the encoder reads frames the student generated after the
+    # first rollout_context_frames of each clip, and each step starts from the student's own state.
+    self_rollout: bool = False
+    rollout_context_frames: int = 2
+    # Train the student's encoder too (it starts from the teacher's, which keeps a frozen copy);
+    # by default the encoder is the teacher's, frozen and shared.
+    train_encoder: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -305,6 +336,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -612,6 +644,7 @@ def validate(cfg: Config) -> None:
         _validate_synthetic(cfg)
     _validate_window(m)
     _validate_fp8(cfg)
+    _validate_distill(cfg)
 
 
 def _validate_storage(cfg: Config) -> None:
@@ -695,6 +728,26 @@ def _validate_fp8(cfg: Config) -> None:
     _require(not (f.cpu_emulation and f.backend == "te"),
              "precision.fp8.cpu_emulation is a torchao feature; Transformer Engine has no CPU path "
              "(set precision.fp8.backend=torchao)")
+
+
+def _validate_distill(cfg: Config) -> None:
+    d, k = cfg.distill, cfg.diffusion.sample_steps
+    _require(k >= 1, f"diffusion.sample_steps={k} must be >= 1")
+    if d.teacher is None:
+        return
+    if d.teacher_steps is not None:
+        _require(k <= d.teacher_steps,
+                 f"diffusion.sample_steps={k} (the student's steps) exceeds distill.teacher_steps={d.teacher_steps}; "
+                 "a student takes fewer steps than its teacher")
+    if d.self_rollout:
+        _require(1 <= d.rollout_context_frames < cfg.data.clip_frames,
+                 f"distill.rollout_context_frames={d.rollout_context_frames} must be in [1, data.clip_frames-1="
+                 f"{cfg.data.clip_frames - 1}] (ground-truth frames before the student's own)")
+        low = cfg.data.random_clip_min_frames
+        _require(low is None or d.rollout_context_frames < low,
+                 f"distill.rollout_context_frames={d.rollout_context_frames} leaves no generated frame in clips "
+                 f"of data.random_clip_min_frames={low}")
+    _require(not cfg.precision.fp8.enabled, "precision.fp8.enabled=true is not supported by distillation yet")
 
 
 def _require(ok: bool, message: str) -> None:

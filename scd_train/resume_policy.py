@@ -7,7 +7,10 @@ Every setting is compared with the config saved inside the checkpoint:
   against the shapes the checkpoint recorded), whatever the saved data position depends on
   (``data.batch_size``, ``data.seed``, ``data.source``), a move between a ZeRO-3 and a DCP
   checkpoint format, switching weight decay on or off (it changes the parameter groups), and a
-  world size the backend cannot reshard to;
+  world size the backend cannot reshard to; in a distillation run (``distill.teacher`` set,
+  trained by ``scd-distill``) also what the student learns: the teacher, its steps and guidance,
+  the method, what trains, and the student's own step count and schedule (its step grid is what is
+  distilled);
 * **applied and logged**: everything else that shapes training, e.g. ``optim.lr`` and the per-module
   learning-rate ratios (the rates follow the new values from the resumed step on, and the logged
   ``lr/*`` show them), ``train.grad_accum`` (a different number of clips per update), the
@@ -36,6 +39,16 @@ MODEL_TRAINING_FIELDS = {"model.attention", "model.action_dropout", "model.conte
                          # the attention window is a mask over the same weights: a full-history run may be
                          # fine-tuned windowed (the trainer logs the change)
                          "model.encoder_window", "model.encoder_sink_frames"}
+# What a distillation run is distilling: changing one would train the student towards other targets
+# (teacher, guidance, trajectory) or on another grid (its step count and schedule), or change which
+# parameters train (train_encoder). Everything else of ``distill`` (e.g. rollout_context_frames) is applied.
+DISTILL_IDENTITY = {
+    "distill.method": "the distillation method", "distill.teacher": "the teacher run",
+    "distill.teacher_checkpoint": "the teacher's weights", "distill.teacher_steps": "the teacher's trajectory",
+    "distill.teacher_cfg_scale": "the teacher's guided velocity", "distill.teacher_cfg_mode": "the teacher's "
+    "guided velocity", "distill.self_rollout": "the states the student is trained from",
+    "distill.train_encoder": "which parameters train (the optimizer's groups)",
+    "diffusion.sample_steps": "the student's step grid", "diffusion.sample_schedule": "the student's step grid"}
 # Settings the saved data position is expressed in.
 DATA_POSITION = {"data.batch_size": "clips per rank and micro-batch", "data.seed": "the shuffle order",
                  "data.source": "the kind of data reader"}
@@ -75,6 +88,7 @@ def compare_configs(saved: dict, now: dict) -> tuple[list[Change], list[Change]]
     """(refused, applied) differences between two resolved configs (nested dicts). Keys that one
     side lacks (a field added or removed since the checkpoint was written) are not compared."""
     old, new = flatten(saved), flatten(now)
+    distilling = old.get("distill.teacher") is not None or new.get("distill.teacher") is not None
     refused, applied = [], []
     for key in sorted(set(old) & set(new)):
         a, b = old[key], new[key]
@@ -82,6 +96,8 @@ def compare_configs(saved: dict, now: dict) -> tuple[list[Change], list[Change]]
             continue
         if key.startswith("model.") and key not in MODEL_TRAINING_FIELDS:
             refused.append(Change(key, a, b, "changes the architecture"))
+        elif distilling and key in DISTILL_IDENTITY:
+            refused.append(Change(key, a, b, f"a distillation run's {DISTILL_IDENTITY[key]} cannot change"))
         elif key in DATA_POSITION:
             refused.append(Change(key, a, b, f"the saved data position depends on {DATA_POSITION[key]}"))
         elif key == "train.backend" and "deepspeed" in (a, b):

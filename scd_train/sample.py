@@ -23,7 +23,7 @@ import torch
 
 from scd_train.cli import command
 from scd_train.data.holdout import holdout_clip_frames, holdout_clips
-from scd_train.diffusion.sampling import Rollout, SamplerSettings, check_rollout_length, generate
+from scd_train.diffusion.sampling import Rollout, check_rollout_length, generate, settings_from_config
 from scd_train.errors import InputError
 from scd_train.video import mark_generated, side_by_side, to_hwc_uint8, upscale, write_gif, write_mp4
 
@@ -86,12 +86,8 @@ def rollout_clips(model, cfg, request: SampleRequest, device: torch.device | str
         raise InputError(f"--clips {request.clips}: the held-out data provides {len(clips)} clips of "
                          f"{frames} frames{cap}; ask for at most {len(clips)}")
     batch = clips.collate(list(range(request.clips)))
-    settings = SamplerSettings(
-        steps=request.steps or cfg.diffusion.sample_steps,
-        cfg_scale=cfg.diffusion.cfg_scale if request.cfg_scale is None else request.cfg_scale,
-        cfg_mode=request.cfg_mode or cfg.diffusion.cfg_mode,
-        num_train_timesteps=cfg.diffusion.num_train_timesteps,
-        compile=request.compile or cfg.diffusion.sample_compile)
+    settings = settings_from_config(cfg.diffusion, request.steps, request.cfg_scale, request.cfg_mode,
+                                    request.compile)
     generator = torch.Generator(device=device).manual_seed(request.seed)
     actions = None if batch.actions is None else continued_actions(batch.actions, request.context + request.unroll,
                                                                    cfg.model.num_actions, request.seed).to(device)

@@ -16,12 +16,12 @@ import torch
 import yaml
 
 from scd_train.checkpoint import CONFIG, CheckpointManager, capture_rng
-from scd_train.config import Config, to_dict
+from scd_train.config import Config, ConfigError, to_dict
 from scd_train.data import Batch, build_train_loader
 from scd_train.diffusion.objective import build_objective
 from scd_train.ema import EMA
 from scd_train.errors import RunFailure
-from scd_train.metrics.flops import detect_peak_tflops, tokens_per_frame, train_step_flops
+from scd_train.metrics.flops import StepFlops, detect_peak_tflops, tokens_per_frame, train_step_flops
 from scd_train.metrics.loggers import JsonlWriter, Progress, WandbRun
 from scd_train.metrics.throughput import ThroughputMeter
 from scd_train.models import build_model
@@ -75,10 +75,37 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + 1000003 * rank)
 
 
+class TrainingStage:
+    """What a run trains: the model the loop builds, the objective it minimises and that
+    objective's cost. This default is plain training; another stage (distillation) passes its own
+    to ``Trainer(cfg, stage=...)`` and gets the same backends, checkpoints, logging and resume."""
+
+    def check(self, cfg: Config) -> None:
+        """Refuse a config this stage cannot train, before anything touches the run directory."""
+        if cfg.distill.teacher is not None:
+            raise ConfigError(f"distill.teacher={cfg.distill.teacher!r} is set: this is a distillation run, "
+                              "which scd-distill trains")
+
+    def build_model(self, cfg: Config, resuming: bool) -> torch.nn.Module:
+        """The model with its starting weights; a resume's weights come from the checkpoint."""
+        model = build_model(cfg.model)
+        if cfg.train.init_from and not resuming:
+            load_initial_weights(model, cfg.train.init_from)  # plain weights, before any FP8 module swap
+        return model
+
+    def build_objective(self, cfg: Config):
+        return build_objective(cfg.model, cfg.diffusion)
+
+    def step_flops(self, cfg: Config, clip_frames: int) -> StepFlops:
+        return train_step_flops(cfg, clip_frames)
+
+
 class Trainer:
-    def __init__(self, cfg: Config, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, runtime: Runtime | None = None, stage: TrainingStage | None = None) -> None:
         self.cfg = cfg
         t = cfg.train
+        self.stage = stage or TrainingStage()
+        self.stage.check(cfg)
         self.runtime = runtime or init_runtime(t.device, t.collective_timeout_s / 60, t.rendezvous_timeout_s)
         self.run_dir = Path(t.run_dir)
         # Nothing is written into the run directory before it is ours and the resume is known to be sound.
@@ -87,15 +114,13 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints, self.runtime)
         resume_from = self.checkpoints.find_resumable(set_aside_damaged=True) if t.resume else None
         seed_everything(cfg.train.seed, 0)  # the same initial weights on every rank and world size
-        model = build_model(cfg.model)
+        model = self.stage.build_model(cfg, resuming=resume_from is not None)
         self.tensor_shapes = tensor_shapes(model.named_parameters())
-        if cfg.train.init_from and resume_from is None:
-            load_initial_weights(model, cfg.train.init_from)  # plain weights, before any FP8 module swap
         self.fp8 = prepare_fp8(model, cfg, self.runtime)  # before the backend wraps or shards it
         self.backend = build_backend(model, build_param_groups(model, cfg.optim), cfg, self.runtime)
         seed_everything(cfg.train.seed, self.runtime.rank)
         self.ema = EMA(self.backend.ema_parameters(), cfg.optim.ema_decay)
-        self.objective = build_objective(cfg.model, cfg.diffusion)
+        self.objective = self.stage.build_objective(cfg)
         self.loader = build_train_loader(cfg, self.runtime.rank, self.runtime.world_size)
         self.state = TrainState()
         self.resumed_from: Path | None = None
@@ -203,7 +228,7 @@ class Trainer:
         grad_norm = self.backend.clip_grad_norm(cfg.optim.grad_clip)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         self._handle_nonfinite(finite, loss, grad_norm, keys)
-        meter.add_step(clips, frames, train_step_flops(cfg, frames), wait)
+        meter.add_step(clips, frames, self.stage.step_flops(cfg, frames), wait)
         self.state.step += 1
         self.state.samples_seen += clips * self.runtime.world_size
         window.append(loss)

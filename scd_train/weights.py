@@ -67,14 +67,32 @@ def read_checkpoint_weights(checkpoint: Path, model: nn.Module, use_ema: bool = 
                            f"{first[:300]}); it is damaged or was written for another model config") from exc
 
 
+def stored_ema_names(checkpoint: Path) -> set[str]:
+    """Names of the parameters whose EMA ``checkpoint`` holds (trained ones; a run that keeps some
+    parameters frozen has no shadow for them: their EMA is the weights themselves)."""
+    if (checkpoint / "state" / "deepspeed").is_dir():
+        from scd_train.parallel import deepspeed_io
+
+        return deepspeed_io.ema_names(checkpoint)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(checkpoint / "state")).read_metadata().state_dict_metadata
+    return {k.removeprefix("ema.") for k in keys if k.startswith("ema.")}
+
+
 def _read_dcp(checkpoint: Path, model: nn.Module, use_ema: bool) -> dict[str, torch.Tensor]:
-    names = [n for n, p in model.named_parameters()] if use_ema else list(model.state_dict())
-    template = {n: torch.empty_like(t, dtype=torch.float32) for n, t in model.state_dict().items() if n in names}
-    key = "ema" if use_ema else "model"
+    full = {n: torch.empty_like(t, dtype=torch.float32) for n, t in model.state_dict().items()}
+    request = {"model": full}
+    if use_ema:
+        shadowed = stored_ema_names(checkpoint)
+        params = [n for n, _ in model.named_parameters()]
+        request = {"ema": {n: full[n] for n in params if n in shadowed},
+                   "model": {n: full[n] for n in params if n not in shadowed}}
+        full = {n: full[n] for n in params}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
-        dcp.load({key: template}, checkpoint_id=str(checkpoint / "state"))
-    return template
+        dcp.load({k: v for k, v in request.items() if v}, checkpoint_id=str(checkpoint / "state"))
+    return full
 
 
 def _read_deepspeed(checkpoint: Path, model: nn.Module, use_ema: bool) -> dict[str, torch.Tensor]:

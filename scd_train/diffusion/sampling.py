@@ -36,6 +36,16 @@ def euler_sigmas(steps: int, num_train_timesteps: int = 1000, device=None) -> Te
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+def sample_sigmas(steps: int, schedule: str = "release", num_train_timesteps: int = 1000, device=None) -> Tensor:
+    """steps+1 noise levels of an Euler schedule (``diffusion.sample_schedule``): "release" as
+    ``euler_sigmas``, "uniform" ``steps`` equal intervals from 1 to 0."""
+    if schedule == "uniform":
+        return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float32)
+    if schedule == "release":
+        return euler_sigmas(steps, num_train_timesteps, device)
+    raise ValueError(f"sample schedule {schedule!r} is not one of 'release', 'uniform'")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -48,6 +58,7 @@ class SamplerSettings:
     cfg_scale: float = 1.0
     cfg_mode: str = "decoder"
     num_train_timesteps: int = 1000
+    schedule: str = "release"  # diffusion.sample_schedule
     # SCD's decoder loop: "off" (eager), "on" (torch.compile; on CUDA also a CUDA graph of each
     # frame's steps where it pays) or "auto" (on for CUDA, off elsewhere). See decoder_loop.py.
     compile: str = "off"
@@ -55,6 +66,21 @@ class SamplerSettings:
     @property
     def guided(self) -> bool:
         return self.cfg_scale != 1.0
+
+    def sigmas(self, device=None) -> Tensor:
+        return sample_sigmas(self.steps, self.schedule, self.num_train_timesteps, device)
+
+
+def settings_from_config(diffusion, steps: int | None = None, cfg_scale: float | None = None,
+                         cfg_mode: str | None = None, compile: str | None = None) -> SamplerSettings:
+    """A run's sampling defaults (``DiffusionConfig``), each overridable; every consumer builds its
+    settings here, so a distilled student's step count and schedule reach all of them."""
+    return SamplerSettings(steps=steps or diffusion.sample_steps,
+                           cfg_scale=diffusion.cfg_scale if cfg_scale is None else cfg_scale,
+                           cfg_mode=cfg_mode or diffusion.cfg_mode,
+                           num_train_timesteps=diffusion.num_train_timesteps,
+                           schedule=diffusion.sample_schedule,
+                           compile=compile or diffusion.sample_compile)
 
 
 @dataclass
@@ -99,7 +125,7 @@ def check_rollout_length(model, context_frames: int, generated_frames: int) -> N
 
 def _schedule(settings: SamplerSettings, device: torch.device) -> tuple[Tensor, Tensor]:
     """(timesteps (T,), step sizes (T,)) of the Euler schedule: sigma_{i+1} - sigma_i."""
-    sigmas = euler_sigmas(settings.steps, settings.num_train_timesteps, device)
+    sigmas = settings.sigmas(device)
     return sigmas[:-1] * settings.num_train_timesteps, sigmas[1:] - sigmas[:-1]
 
 

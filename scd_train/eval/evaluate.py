@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from scd_train.config import Config
-from scd_train.diffusion.sampling import Rollout, SamplerSettings, generate
+from scd_train.diffusion.sampling import Rollout, SamplerSettings, generate, settings_from_config
 from scd_train.errors import InputError
 from scd_train.eval.clips import Decode, EvalClip, batched, stack_clips
 from scd_train.eval.feature_metrics import LPIPS, VideoFeatures, frechet_distance
@@ -55,14 +55,10 @@ def sampler_settings(cfg: Config, protocol: EvalProtocol, cfg_scale: float | Non
     """The model's own sampling defaults with the protocol's overrides (``cfg_scale``, when given,
     wins over both). The dense baseline has no encoder context to perturb, so its guidance is
     always the null-action kind."""
-    d = cfg.diffusion
     if cfg_scale is None:
-        cfg_scale = d.cfg_scale if protocol.cfg_scale is None else protocol.cfg_scale
-    return SamplerSettings(
-        steps=protocol.steps or d.sample_steps,
-        cfg_scale=cfg_scale,
-        cfg_mode=d.cfg_mode if cfg.model.arch == "scd" else "action",
-        num_train_timesteps=d.num_train_timesteps, compile=protocol.compile or d.sample_compile)
+        cfg_scale = protocol.cfg_scale
+    return settings_from_config(cfg.diffusion, protocol.steps, cfg_scale,
+                                cfg.diffusion.cfg_mode if cfg.model.arch == "scd" else "action", protocol.compile)
 
 
 def official_round_trip(truth: Tensor, sample: Tensor, crf: int) -> tuple[Tensor, Tensor]:

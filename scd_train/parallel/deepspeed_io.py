@@ -38,10 +38,26 @@ def read_raw(directory: Path) -> dict[str, torch.Tensor]:
     return {canonical_name(k): v.float() for k, v in state.items()}
 
 
+def ema_names(checkpoint: Path) -> set[str]:
+    """Parameters the EMA partitions of ``checkpoint`` shadow (every trained one)."""
+    files = sorted((Path(checkpoint) / "state" / CHECKPOINT_SUBDIR).glob("ema_rank_*.pt"))
+    if not files:
+        return set()
+    return set(torch.load(files[0], map_location="cpu", weights_only=False)["layout"])
+
+
 def read_weights(checkpoint: Path, model: nn.Module, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of ``checkpoint`` named like ``model.state_dict()`` (EMA or raw)."""
+    """Full fp32 weights of ``checkpoint`` named like ``model.state_dict()`` (EMA or raw), as the
+    DCP reader: only ``model``'s names (a checkpoint may also hold a frozen distillation teacher).
+    With the EMA, parameters the run kept frozen (no shadow) come from the weights themselves."""
     directory = Path(checkpoint) / "state" / CHECKPOINT_SUBDIR
     weights = read_ema(directory) if use_ema else read_raw(directory)
+    wanted = model.state_dict()
+    weights = {n: w for n, w in weights.items() if n in wanted}
+    frozen = [n for n, _ in model.named_parameters() if n not in weights]
+    if use_ema and frozen:
+        raw = read_raw(directory)
+        weights.update({n: raw[n] for n in frozen if n in raw})
     expected = {n: p.shape for n, p in model.named_parameters()}
     for name, tensor in weights.items():
         if name in expected and tuple(tensor.shape) != tuple(expected[name]):

@@ -46,6 +46,27 @@ def shard_blocks(model: nn.Module, policy: MixedPrecisionPolicy) -> int:
     return sharded
 
 
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Every FSDP2 unit of ``model`` unsharded, and kept so across forward calls, for the body.
+
+    For no-grad work that reads parameters outside a unit's own forward (the streaming sampler
+    precomputes each frame's step conditioning from the blocks' modulation layers); afterwards the
+    units are resharded with the policy ``shard_blocks`` gave them (blocks reshard after forward,
+    the root does not). A model without FSDP2 units is left as it is.
+    """
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+
+
 class FSDP2Backend(TrainingBackend):
     name = "fsdp2"
 

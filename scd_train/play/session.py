@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from scd_train.config import Config, ConfigError
-from scd_train.diffusion.sampling import SamplerSettings, new_stream
+from scd_train.diffusion.sampling import SamplerSettings, new_stream, settings_from_config
 from scd_train.errors import InputError
 from scd_train.play.actions import ActionSet, build_action_set
 from scd_train.video import to_hwc_uint8
@@ -155,7 +155,8 @@ class PlaySession:
         scale = d.cfg_scale if self.options.cfg_scale is None else self.options.cfg_scale
         # the dense baseline has no encoder context to perturb: its guidance is always over actions
         mode = "action" if baseline else d.cfg_mode
-        return SamplerSettings(steps=steps, cfg_scale=scale, cfg_mode=mode, num_train_timesteps=d.num_train_timesteps)
+        # from the run's own config, so a distilled student plays on its own step grid
+        return settings_from_config(d, steps, scale, mode, compile="off")
 
     def _baseline_panel(self, path: Path, steps: int) -> Panel:
         model, cfg = load_play_model(path, None, self.options.use_ema, self.options.device)
