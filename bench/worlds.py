@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", choices=sorted(WORLDS), required=True)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, not a result")
     parser.add_argument("--steps", type=int, help="training steps of each model (default 300)")
+    parser.add_argument("--vae-steps", type=int, help="VAE training steps (default 1500)")
     parser.add_argument("--work-dir", type=Path, help="default: runs/bench_worlds/<world>[_quick]")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     scale = QUICK if args.quick else Scale()
     if args.steps:
         scale.steps = args.steps
+    if args.vae_steps:
+        scale.vae_steps = args.vae_steps
     suffix = "_quick" if args.quick else ""
     work = args.work_dir or REPO / "runs" / "bench_worlds" / f"{args.world}{suffix}"
     out = args.out or REPO / "bench" / "results" / f"worlds_{args.world}{suffix}.json"
