@@ -187,6 +187,18 @@ def build_frame_causal_mask(
     return frame_block_causal_mask(num_q_frames, num_kv_frames, tokens_per_frame, device, window)
 
 
+def frame_attention_inputs(window: AttentionWindow, rotary: RotaryTables, backend: str, frames: int, first: int,
+                           kv_cache: KVCache | RingKVCache | None, device: torch.device):
+    """(mask, pinned sink copies, RoPE tables) of a forward over ``frames`` frames from stream frame
+    ``first``: a whole clip without a cache, or frames appended after the cached ones."""
+    n = rotary.tokens_per_frame
+    if kv_cache is None:
+        return (build_frame_causal_mask(frames, frames, n, device, backend, window),
+                SinkCopies.build(window, frames, rotary, device), rotary.frames(first, frames, device))
+    return (build_frame_causal_mask(frames, first + frames, n, device, backend, window), None,
+            rotary.frames(kv_cache.frame_id(first), frames, device))
+
+
 def teacher_forcing_mask(num_frames: int, tokens_per_frame: int, device: torch.device | None = None) -> Tensor:
     """Boolean (2L, 2L) mask over [clean frames ; noisy frames] of one clip, L = F*N tokens.
 

@@ -15,9 +15,8 @@ from scd_train.models.attention import (
     AttentionWindow,
     KVCache,
     RingKVCache,
-    SinkCopies,
-    build_frame_causal_mask,
     build_teacher_forcing_mask,
+    frame_attention_inputs,
     new_kv_cache,
 )
 from scd_train.models.block import BlockContext, DiTBlock, StepConditioning, StepsConditioning
@@ -27,6 +26,7 @@ from scd_train.models.layers import (
     AdaptiveOutputNorm,
     PatchEmbed,
     TimestepEmbedding,
+    embed_conditioning,
     init_conditioning,
     init_linear_xavier,
     silu,
@@ -73,13 +73,7 @@ class CausalDiT(nn.Module):
 
     def conditioning(self, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
         """SiLU'd per-frame conditioning (..., F, D) of timesteps (..., F) and actions (..., F)."""
-        cond = self.time_embed(timesteps)
-        if self.action_embed is not None:
-            if actions is None:
-                actions = torch.full(timesteps.shape, self.action_embed.null_id, device=timesteps.device,
-                                     dtype=torch.long)
-            cond = cond + self.action_embed(actions)
-        return silu(cond)
+        return embed_conditioning(self.time_embed, self.action_embed, timesteps, actions)
 
     def step_conditioning(self, timesteps: Tensor, actions: Tensor | None = None) -> StepsConditioning:
         """The conditioning of T denoising steps of one frame at once: ``timesteps`` (T, B, 1) and
@@ -163,15 +157,9 @@ class CausalDiT(nn.Module):
 
     def _blocks(self, x: Tensor, cond_act: Tensor, modulation, first: int,
                 kv_cache: KVCache | RingKVCache | None) -> Tensor:
-        n, frames, device = self.tokens_per_frame, cond_act.shape[1], x.device
-        if kv_cache is None:
-            mask = build_frame_causal_mask(frames, frames, n, device, self.cfg.attention, self.window)
-            copies = SinkCopies.build(self.window, frames, self.rotary, device)
-            rope = self.rotary.frames(first, frames, device)
-        else:
-            mask = build_frame_causal_mask(frames, first + frames, n, device, self.cfg.attention, self.window)
-            copies = None
-            rope = self.rotary.frames(kv_cache.frame_id(first), frames, device)
+        n, frames = self.tokens_per_frame, cond_act.shape[1]
+        mask, copies, rope = frame_attention_inputs(self.window, self.rotary, self.cfg.attention, frames, first,
+                                                    kv_cache, x.device)
         ctx = BlockContext(cond_act, n, rope, mask, kv_cache, copies, modulation)
         for index, block in enumerate(self.blocks):
             x = block(x, ctx, index)

@@ -12,9 +12,9 @@ from scd_train.models.layers import (
     AdaptiveOutputNorm,
     PatchEmbed,
     TimestepEmbedding,
+    embed_conditioning,
     init_conditioning,
     init_linear_xavier,
-    silu,
     unpatchify,
     zero_,
 )
@@ -70,13 +70,7 @@ class FrameDecoder(nn.Module):
 
     def conditioning(self, timesteps: Tensor, actions: Tensor | None = None) -> Tensor:
         """SiLU'd conditioning (..., 1, D) of timesteps (...) and actions (...): one "frame" per sample."""
-        cond = self.time_embed(timesteps)
-        if self.action_embed is not None:
-            if actions is None:
-                actions = torch.full(timesteps.shape, self.action_embed.null_id, device=timesteps.device,
-                                     dtype=torch.long)
-            cond = cond + self.action_embed(actions)
-        return silu(cond)[..., None, :]
+        return embed_conditioning(self.time_embed, self.action_embed, timesteps, actions)[..., None, :]
 
     def step_conditioning(self, timesteps: Tensor, actions: Tensor | None = None) -> StepsConditioning:
         """The conditioning of T sampling steps at once: ``timesteps`` (T, B') and per-sample

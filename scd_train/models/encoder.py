@@ -10,8 +10,7 @@ from scd_train.models.attention import (
     AttentionWindow,
     KVCache,
     RingKVCache,
-    SinkCopies,
-    build_frame_causal_mask,
+    frame_attention_inputs,
     new_kv_cache,
 )
 from scd_train.models.block import BlockContext, DiTBlock
@@ -102,15 +101,9 @@ class CausalEncoder(nn.Module):
 
     def _blocks(self, x: Tensor, cond_act: Tensor, first: int, kv_cache: KVCache | RingKVCache | None) -> Tensor:
         """The transformer blocks over frames first.. of ``x``, after the cached ones."""
-        n, frames, device = self.tokens_per_frame, cond_act.shape[1], x.device
-        if kv_cache is None:
-            mask = build_frame_causal_mask(frames, frames, n, device, self.cfg.attention, self.window)
-            copies = SinkCopies.build(self.window, frames, self.rotary, device)
-            rope = self.rotary.frames(first, frames, device)
-        else:
-            mask = build_frame_causal_mask(frames, first + frames, n, device, self.cfg.attention, self.window)
-            copies = None
-            rope = self.rotary.frames(kv_cache.frame_id(first), frames, device)
+        n, frames = self.tokens_per_frame, cond_act.shape[1]
+        mask, copies, rope = frame_attention_inputs(self.window, self.rotary, self.cfg.attention, frames, first,
+                                                    kv_cache, x.device)
         ctx = BlockContext(cond_act, n, rope, mask, kv_cache, copies)
         for index, block in enumerate(self.blocks):
             x = block(x, ctx, index)

@@ -180,5 +180,17 @@ def init_conditioning(time_embed: TimestepEmbedding, action_embed: ActionEmbeddi
         nn.init.normal_(action_embed.table.weight, std=0.02)
 
 
+def embed_conditioning(time_embed: TimestepEmbedding, action_embed: ActionEmbedding | None, timesteps: Tensor,
+                       actions: Tensor | None) -> Tensor:
+    """SiLU of timestep embedding + action embedding (..., D) for timesteps and actions of one shape;
+    no actions means the null action wherever the model is action-conditioned."""
+    cond = time_embed(timesteps)
+    if action_embed is not None:
+        if actions is None:
+            actions = torch.full(timesteps.shape, action_embed.null_id, device=timesteps.device, dtype=torch.long)
+        cond = cond + action_embed(actions)
+    return silu(cond)
+
+
 def silu(x: Tensor) -> Tensor:
     return F.silu(x)
