@@ -1,8 +1,8 @@
 """Endless streaming on CPU: per-frame time and memory over a long stream, four models interleaved.
 
-    python bench/streaming.py                        # 2,000 frames, tiny dims, 4 steps/frame (minutes)
-    python bench/streaming.py --frames 300           # a quick look
-    python bench/streaming.py --out /tmp/s.json --threads 1
+    python bench/endless_stream.py                        # 2,000 frames, tiny dims, 4 steps/frame (minutes)
+    python bench/endless_stream.py --frames 300           # a quick look
+    python bench/endless_stream.py --out /tmp/s.json --threads 1
 
 Candidates, all streaming the same context and actions frame by frame, interleaved (each frame
 index runs every model once, in an order that flips from one frame to the next):
@@ -19,6 +19,9 @@ which other load on the machine moves far less), the KV cache's
 allocated and in-use bytes along the stream, and the encoder / decoder split of the last frames
 (``stream.last_timing``); the compile speed-up is scd_window / scd_window_compiled per frame.
 Random weights: speed does not depend on what a model learned. JSON goes to bench/results/.
+
+(Not named streaming.py: with bench/ first on sys.path that would shadow the mosaicml-streaming
+package for every other script run from here.)
 """
 
 from __future__ import annotations
