@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from scd_train.config import load_config
 from scd_train.diffusion.sampling import SamplerSettings, new_stream
 from scd_train.env import library_versions
+from scd_train.eval.report import write_json
 from scd_train.models import build_model
 
 
@@ -86,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         report["earlier"] = {k: v for k, v in previous.get("earlier", {}).items() if k != args.label}
         if previous.get("label") != args.label:
             report["earlier"][previous["label"]] = {"date": previous["date"], "per_step": previous["per_step"]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out)
+    write_json(report, args.out)  # atomic: a killed run never leaves half a file
     print(f"wrote {args.out}")
     return 0
 

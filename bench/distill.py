@@ -31,6 +31,7 @@ from scd_train.env import library_versions
 from scd_train.eval.clips import holdout_eval_clips
 from scd_train.eval.evaluate import Candidate, evaluate
 from scd_train.eval.protocol import EvalProtocol
+from scd_train.eval.report import write_json
 from scd_train.metrics.timing import MachineLoad, interleaved
 from scd_train.weights import load_model
 
@@ -256,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print_report(report)
     kind = "cpu" if args.device == "cpu" else "cuda"
     out = args.out or Path("bench/results") / f"distill-{args.run.name}-{kind}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
+    write_json(report, out)  # atomic: a killed run never leaves half a file
     print(f"wrote {out}")
     return 0
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ import torch
 from scd_train.config import load_config
 from scd_train.diffusion.sampling import SamplerSettings, new_stream
 from scd_train.env import library_versions
+from scd_train.eval.report import write_json
 from scd_train.metrics.timing import MachineLoad, time_call
 from scd_train.models import build_model
 
@@ -195,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
               f"KV cache {row['cache_peak_allocated_bytes'] / 2**20:.1f} MiB allocated")
     if "compile_speedup" in report:
         print(f"compile speed-up (scd_window eager / compiled, per frame): {report['compile_speedup']:.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out)
+    write_json(report, args.out)  # atomic: a killed run never leaves half a file
     print(f"wrote {args.out}")
     return 0
 

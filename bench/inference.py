@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from scd_train.config import load_config
 from scd_train.env import library_versions
+from scd_train.eval.report import write_json
 from scd_train.eval.speed import SpeedSettings, measure, paired_configs
 
 PRESETS = {
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     kind = "cpu" if report["device"].startswith("cpu") else "cuda"
     out = args.out or Path("bench/results") / f"inference-{args.preset}-{kind}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
+    write_json(report, out)  # atomic: a killed run never leaves half a file
     print(f"wrote {out}")
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from scd_train.env import library_versions
+from scd_train.eval.report import write_json
 from scd_train.metrics.timing import MachineLoad
 
 CONTEXT, UNROLL = 2, 22  # 24 frames: the held-out videos' length
@@ -101,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine_load": {"before": load_before.to_dict(), "after": MachineLoad.now().to_dict()},
         "versions": library_versions(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out)
+    write_json(report, args.out)  # atomic: a killed run never leaves half a file
     for name in ("windowed", "full_history"):
         row = report["psnr_by_horizon"][name]
         print(f"{name:13s} " + "  ".join(f"+{h}: {v:5.2f}" for h, v in row.items()))

@@ -37,6 +37,7 @@ from scd_train.config import load_config  # noqa: E402
 from scd_train.eval.emulator import EmulatorProtocol  # noqa: E402
 from scd_train.eval.emulator_run import emulator_table, run_emulator_eval  # noqa: E402
 from scd_train.eval.evaluate import Candidate  # noqa: E402
+from scd_train.eval.report import write_json  # noqa: E402
 from scd_train.metrics.flops import train_step_flops  # noqa: E402
 from scd_train.metrics.timing import MachineLoad, time_call  # noqa: E402
 from scd_train.weights import load_model  # noqa: E402
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine_load": {"start": load_start, "end": MachineLoad.now().to_dict()},
               "seconds": time.perf_counter() - started, "torch_threads": torch.get_num_threads()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(result, out)
     from rich.console import Console
 
     Console().print(emulator_table(emulator))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -32,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.inputs import ACTIONS_SUFFIX
-from data_prep.writers import TMP_MARK, atomic_write_json
+from data_prep.writers import atomic_save_npy, atomic_write_json
 from scd_train.envs import (
     NOOP_ACTION,
     RESIZE_MODES,
@@ -244,20 +243,13 @@ def record_episode(job: EpisodeJob, opts: RecordOptions, digest: str) -> dict:
     native, actions, facts = play_episode(env, opts, job)
     frames = np.stack([resize_frame(f, opts.size, resize) for f in native])
     folder = opts.out / job.split
-    _save_npy_atomic(actions, folder / f"{job.name}{ACTIONS_SUFFIX}")
+    atomic_save_npy(folder / f"{job.name}{ACTIONS_SUFFIX}", actions)
     facts = {**facts, "native_shape": list(native.shape[1:]), "settings_digest": digest}
     atomic_write_json(folder / f"{job.name}.json", facts)
     write_mp4(frames, folder / f"{job.name}.mp4", fps=opts.fps, lossless=True)  # last: marks the episode complete
     return facts
 
 
-def _save_npy_atomic(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # -- the driver --------------------------------------------------------------------------------

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from data_prep.inputs import ACTIONS_SUFFIX
+from data_prep.writers import atomic_save_npy
 from scd_train.config import SyntheticDataConfig
 from scd_train.data.synthetic import ACTION_NAMES, render_video, split_indices
 from scd_train.video import write_mp4
-
-
-def _save_npy_atomic(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
 
 
 def write_synthetic(out: Path, cfg: SyntheticDataConfig, seed: int, fps: int = 8, progress: bool = True) -> dict:
@@ -36,7 +28,7 @@ def write_synthetic(out: Path, cfg: SyntheticDataConfig, seed: int, fps: int = 8
         if video.is_file():
             continue
         frames, actions = render_video(cfg, seed, index)
-        _save_npy_atomic(actions, stem.with_name(stem.name + ACTIONS_SUFFIX))  # before the video: video => actions
+        atomic_save_npy(stem.with_name(stem.name + ACTIONS_SUFFIX), actions)  # before the video: video => actions
         write_mp4(frames.transpose(0, 2, 3, 1), video, fps)
         written += 1
     info = {"seed": seed, "fps": fps, "num_actions": len(ACTION_NAMES), "action_names": list(ACTION_NAMES),

@@ -113,6 +113,16 @@ def merge_mds_index(mds_dir: Path, job_dirs: list[Path]) -> None:
     shutil.rmtree(staging)
 
 
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` under a temporary name, then one rename: a kill never leaves half an array."""
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def atomic_write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     with open(tmp, "w") as f:
