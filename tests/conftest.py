@@ -23,6 +23,18 @@ def _environment_restored():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """The CI machine's two cores are shared; one intra-op thread avoids oversubscription stalls
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
 

@@ -54,12 +54,7 @@ MAINS = {"scd-train": train.main, "scd-sample": sample.main, "scd-export": weigh
          "launchers/slurm.py": slurm.main}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,14 +33,7 @@ from scd_train.data.shard_readers import open_shards
 from scd_train.data.vae import encode_pixels, load_vae, vae_info
 from scd_train.video import write_mp4
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The CI machine's two cores are shared; one intra-op thread avoids oversubscription stalls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:

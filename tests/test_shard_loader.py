@@ -27,13 +27,7 @@ TOTAL = sum(clips_per_video())
 
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The CI machine's two cores are shared; one intra-op thread avoids oversubscription stalls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from s3_server import MotoServer
 from shard_helpers import CLIP_FRAMES, clips_per_video, save_random_vae, write_inputs
 
@@ -61,12 +60,7 @@ log: {{wandb: disabled, progress_bar: false, every: 1}}
 STEPS = 24
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

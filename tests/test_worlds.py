@@ -40,12 +40,7 @@ EVAL = ["--emulator", "--starts", "2", "--context", "3", "--horizons", "1,4", "-
         "--videos", "1", "--device", "cpu", "--wandb", "disabled"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_world_data(root: Path, env: str, episodes: int, frames: int) -> Path:
