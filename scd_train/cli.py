@@ -114,8 +114,7 @@ def report(prog: str, exc: ScdError, debug: bool = False) -> bool:
         return False
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
-    # messages that already name their rank ("rank 1/2: ...") are not prefixed twice
-    where = f"rank {rank}: " if rank != 0 and not str(exc).startswith(f"rank {rank}") else ""
+    where = f"rank {rank}: " if rank != 0 and not exc.names_rank else ""
     print(f"{prog}: {where}{exc}", file=sys.stderr, flush=True)
     return True
 

@@ -16,6 +16,9 @@ class ScdError(Exception):
     # True for failures that only the raising rank sees (a corrupt sample read by one rank): the
     # CLI handler prints them on that rank too, not only on rank 0.
     rank_local = False
+    # True where the message already starts with the rank it concerns ("rank 1/2: ..."): the CLI
+    # handler then adds no "rank N:" prefix of its own
+    names_rank = False
 
 
 class InputError(ScdError, ValueError):

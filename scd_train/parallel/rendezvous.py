@@ -37,6 +37,7 @@ class RendezvousError(RunFailure):
 
     # the rank that waits in vain is often not rank 0 (rank 0 may be the one missing): each one says so
     rank_local = True
+    names_rank = True  # its messages begin with the rank that waited
 
 
 def _where(env: LaunchEnv) -> str:
