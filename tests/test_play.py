@@ -424,8 +424,14 @@ def test_a_model_without_actions_plays_the_null_action_says_so_and_stops_at_max_
         page.wait_for_selector("#notice:has-text('model.encoder_window')", timeout=60_000)
         assert f"model.max_frames={NO_ACTIONS_MAX_FRAMES}" in page.inner_text("#notice")
         assert page.evaluate("window.scdPlay.stats.lastHeader.frames_left") == 0
+        # the frames after the reset are told apart by emptying the page's header log first; waiting on
+        # lastHeader alone races the page's polling, which can miss a frame that is soon replaced
+        page.evaluate("window.scdPlay.stats.headers.length = 0")
         page.click("#reset")
-        page.wait_for_function(f"window.scdPlay.stats.lastHeader.index === {CONTEXT}", timeout=30_000)
+        page.wait_for_function(f"window.scdPlay.stats.headers.some(h => h.generated && h.index === {CONTEXT})",
+                               timeout=60_000)
+        after_reset = page.evaluate("window.scdPlay.stats.headers")
+        assert (after_reset[0]["index"], after_reset[0]["generated"]) == (CONTEXT - 1, False)
     records = server.frames()
     assert {r["action"] for r in records if r["generated"]} == {None}
     assert max(r["frame"] for r in records) == NO_ACTIONS_MAX_FRAMES - 1
