@@ -19,7 +19,8 @@ Every setting is compared with the config saved inside the checkpoint:
   ``log.*``, time-outs).
 
 A refused change names each differing value, saved vs now, and points to the weights-only path:
-export the checkpoint and start a new run directory with ``train.init_from``.
+export the checkpoint and start a new run directory with ``train.init_from`` (for a distillation,
+which takes no ``train.init_from``: start it again with another ``--out``).
 """
 
 from __future__ import annotations
@@ -167,8 +168,18 @@ def check_resume(checkpoint: str, saved_config: dict | None, config: dict, saved
     if lines:
         raise ResumeRefused(
             f"cannot resume from {checkpoint}: this run differs from the one that wrote it\n  " + "\n  ".join(lines)
-            + "\nResume with the checkpoint's settings (its config.yaml), or start a new run from its weights only: "
-            f"`scd-export <run_dir> --checkpoint {checkpoint} --out init.safetensors` (add --raw for the raw weights "
-            "instead of the EMA), then train.init_from=init.safetensors with another train.run_dir (step 0, a fresh "
-            "optimizer; the tensors must match the new model)")
+            + "\nResume with the checkpoint's settings (its config.yaml), or " + _fresh_start(checkpoint, config))
     return applied
+
+
+def _fresh_start(checkpoint: str, config: dict) -> str:
+    """How to start over when a resume is refused: a distillation (which takes no train.init_from; its
+    student always starts from the teacher) starts again in another directory, a training run from the
+    checkpoint's weights."""
+    if (config.get("distill") or {}).get("teacher"):
+        return ("start the distillation again with another --out (the student starts from the teacher's EMA "
+                f"weights, {config['distill']['teacher']})")
+    return (f"start a new run from its weights only: `scd-export <run_dir> --checkpoint {checkpoint} --out "
+            "init.safetensors` (add --raw for the raw weights instead of the EMA), then "
+            "train.init_from=init.safetensors with another train.run_dir (step 0, a fresh optimizer; the tensors "
+            "must match the new model)")

@@ -190,6 +190,13 @@ def test_a_run_directory_holding_another_distillation_is_not_mixed(teacher, one_
     assert "diffusion.sample_steps=1" in err and str(one_step_student) in err
     err = refused(capsys, teacher, "--steps", "1", "--out", one_step_student, "distill.self_rollout=true")
     assert "distill.self_rollout=False" in err
+    # a change the resume policy refuses points to a new distillation, not to train.init_from (which
+    # scd-distill does not take: its student always starts from the teacher)
+    capsys.readouterr()
+    assert distill.main([str(teacher), "--steps", "1", "--out", str(one_step_student), "data.batch_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert "data.batch_size: 8 (checkpoint) -> 4 (now)" in err
+    assert "another --out" in err and "train.init_from" not in err
 
 
 def test_a_checkpoint_without_ema_is_refused(tmp_path, capsys):
