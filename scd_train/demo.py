@@ -14,8 +14,10 @@ configs/<world>.yaml from its shards, and scores the model against the emulator 
 (``scd-eval --emulator``: rollout PSNR/SSIM at horizons 1, 4, 16 and action accuracy, beside
 copy-last-frame).
 
-Writes into the run directory (runs/demo by default): checkpoints, metrics.jsonl, samples/
-(mp4 + gif, ground truth | generated), loss_curve.png and demo_summary.json.
+Writes into the run directory (runs/demo by default, runs/demo-<world> for a world): checkpoints,
+metrics.jsonl, samples/ (mp4 + gif, ground truth | generated), loss_curve.png and demo_summary.json.
+The demo always trains from scratch: it empties a run directory that an earlier demo made and
+refuses one that holds anything else (a run of the user's given as ``train.run_dir``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from scd_train.cli import command
 from scd_train.config import Config, load_config
+from scd_train.errors import InputError
 from scd_train.eval.next_frame import next_frame_score
 from scd_train.eval.speed import SpeedSettings, measure
 from scd_train.sample import SampleRequest, rollout_clips, write_samples
@@ -41,6 +44,27 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIGS = {"shards": CONFIGS / "tiny_shards.yaml", "synthetic": CONFIGS / "tiny.yaml"}
 DEFAULT_DATA_DIR = Path("demo_out/data")
 WORLD_CONFIGS = {"breakout": CONFIGS / "breakout.yaml", "crafter": CONFIGS / "crafter.yaml"}
+# Left in every run directory the demo makes, so that a later demo knows it may empty that directory.
+DEMO_MARK = "made_by_scd_demo"
+SUMMARY = "demo_summary.json"  # what a finished demo (also one from before the mark existed) leaves
+
+
+class DemoInputError(InputError):
+    """Bad input to the demo: the message names the setting and the value."""
+
+
+def start_over(run_dir: Path) -> None:
+    """Give the demo an empty ``run_dir``: one an earlier demo made is emptied, any other that holds
+    files is refused (never deleted), since a dotted override can point the demo anywhere."""
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not ((run_dir / DEMO_MARK).is_file() or (run_dir / SUMMARY).is_file()):
+            held = ", ".join(sorted(p.name for p in run_dir.iterdir())[:5])
+            raise DemoInputError(f"train.run_dir={str(run_dir)!r} holds files the demo did not write ({held}); "
+                                 "the demo trains from scratch and empties its run directory: choose a new or "
+                                 "empty train.run_dir")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / DEMO_MARK).write_text("made by scd-demo, which empties this directory when it runs again\n")
 
 
 def train(cfg: Config):
@@ -148,8 +172,7 @@ def prepare_shard_data(data_dir: Path) -> list[str]:
 
 def run_demo(cfg: Config, eval_clips: int, context: int, pinned: dict[str, str] | None = None) -> dict:
     run_dir = Path(cfg.train.run_dir)
-    if (run_dir / "config.yaml").exists():  # an earlier demo: start over rather than resume it
-        shutil.rmtree(run_dir)
+    start_over(run_dir)
     torch.manual_seed(cfg.train.seed)
     result = train(cfg)
     model, model_cfg = load_model(run_dir)
@@ -171,7 +194,7 @@ def run_demo(cfg: Config, eval_clips: int, context: int, pinned: dict[str, str] 
         "run_dir": str(run_dir),
         "cpu_numerics": pinned or {},
     }
-    (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -182,8 +205,7 @@ def run_world_demo(cfg: Config, world: str, eval_starts: int, context: int, cloc
     from scd_train.eval.evaluate import Candidate
 
     run_dir = Path(cfg.train.run_dir)
-    if (run_dir / "config.yaml").exists():
-        shutil.rmtree(run_dir)
+    start_over(run_dir)
     torch.manual_seed(cfg.train.seed)
     with clock.stage("train"):
         result = train(cfg)
@@ -210,7 +232,7 @@ def run_world_demo(cfg: Config, world: str, eval_starts: int, context: int, cloc
         "loss_curve": str(curve),
         "run_dir": str(run_dir),
     }
-    (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -273,7 +295,9 @@ def world_main(args: argparse.Namespace) -> int:
     scale = WorldScale()
     scale.compression, scale.latent_channels = scale.size // model.latent_height, model.latent_channels
     overrides = prepare_world_shards(args.world, data_dir, scale, clock)
-    cfg = load_config(config, [*overrides, "train.run_dir=runs/demo", "train.resume=false", *args.overrides])
+    # its own directory: a world demo never empties the digits demo's runs/demo
+    cfg = load_config(config, [*overrides, f"train.run_dir=runs/demo-{args.world}", "train.resume=false",
+                               *args.overrides])
     summary = run_world_demo(cfg, args.world, args.eval_starts, args.context, clock)
     print_world_table(summary)
     print(f"samples: {Path(cfg.train.run_dir) / 'samples'}   branch videos: {Path(cfg.train.run_dir) / 'eval'}")
